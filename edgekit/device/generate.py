@@ -1,0 +1,306 @@
+"""Text generation from a bundle with a KV cache that never moves.
+
+The cache is one pair of buffers per layer, (1, kv_heads, context_length, head_size),
+allocated once and bound with onnxruntime's IO binding as both the layer's
+`past_key_values.{i}.*` input and its `present.{i}.*` output. GroupQueryAttention
+sees that past and present share memory and writes each step's new keys and values
+in place at position `seqlens_k`, so a decode step feeds one token and copies
+nothing: the same scheme as onnxruntime-genai's past_present_share_buffer.
+
+    prompt ids ──► run(ids, past=0) ──► logits[-1] ──► sample ──► id
+                                                        ▲          │
+                  run([id], past=n) ◄──────────────────┴──────────┘   until EOS, stop, or max_new_tokens
+
+A Model keeps the token ids whose keys and values are in its cache, so a prompt
+that starts with the previous conversation (a system prompt, earlier turns) only
+feeds the new part. A Model is not thread-safe: give each thread its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from edgekit.device import chat as chat_format
+from edgekit.device.bundle import Manifest, bundle_hash, read_manifest
+from edgekit.device.sampling import SamplingConfig, sample
+from edgekit.device.session import create_session
+
+
+class ContextLengthError(ValueError):
+    """The prompt does not fit in the bundle's context length."""
+
+
+@dataclass
+class Stats:
+    """Where the time of one generation went, in seconds."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV were already in the cache
+    tokenize_s: float = 0.0
+    prefill_s: float = 0.0  # the model run over the prompt, up to the first logits
+    decode_s: list[float] = field(default_factory=list)  # one model run per generated token after the first
+    sample_s: float = 0.0
+    detokenize_s: float = 0.0
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        return self.tokenize_s + self.prefill_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        total = sum(self.decode_s)
+        return len(self.decode_s) / total if total else 0.0
+
+    def summary(self) -> str:
+        new = self.prompt_tokens - self.cached_tokens
+        prefill_tps = new / self.prefill_s if self.prefill_s else 0.0
+        return (
+            f"prompt {self.prompt_tokens} tok ({self.cached_tokens} cached) | "
+            f"ttft {self.time_to_first_token_s * 1e3:.1f} ms | prefill {prefill_tps:.1f} tok/s | "
+            f"decode {len(self.decode_s) + 1} tok at {self.decode_tokens_per_s:.1f} tok/s | "
+            f"tokenize {self.tokenize_s * 1e3:.2f} ms, sample {self.sample_s * 1e3:.2f} ms"
+        )
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" (a stop string) | "length" (max_new_tokens) | "context" (cache full)
+    stats: Stats
+
+
+class Stream:
+    """Iterate for text pieces as they are generated; `completion` is set when done."""
+
+    def __init__(self, steps: Iterator[str]):
+        self._steps = steps
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.completion = yield from self._steps
+
+    def close(self) -> None:
+        """Stop generating (e.g. a cancelled request); the cache stays consistent."""
+        self._steps.close()
+
+
+class Model:
+    """A bundle opened for generation.
+
+    >>> model = Model("bundles/smollm2")
+    >>> model.generate("The capital of France is", max_new_tokens=8).text
+    >>> for piece in model.stream([{"role": "user", "content": "Hi"}]): print(piece, end="")
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        *,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        context_length: int | None = None,
+        verify: bool = True,
+        session_config: dict[str, str] | None = None,
+    ):
+        self.path = Path(bundle)
+        self.manifest: Manifest = read_manifest(self.path, verify=verify)
+        self.bundle_hash = bundle_hash(self.manifest)
+        arch = self.manifest.architecture
+        self.context_length = min(context_length or arch.context_length, arch.context_length)
+        target = self.manifest.target or {}
+        self.session, self.provider = create_session(
+            self.path / "model.onnx",
+            providers or target.get("execution_providers"),
+            threads if threads is not None else target.get("threads"),
+            {**target.get("session_config", {}), **(session_config or {})},
+        )
+        self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        gen = self.manifest.generation
+        self.eos_token_ids = set(gen.get("eos_token_ids", []))
+
+        # The KV cache: allocated once, bound as both past input and present output.
+        shape = (1, arch.num_kv_heads, self.context_length, arch.head_size)  # (batch, kv_heads, seq, head_size)
+        self._binding = self.session.io_binding()
+        self._cache = []
+        for i in range(arch.num_layers):
+            for kind in ("key", "value"):
+                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32)
+                self._binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
+                self._binding.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+                self._cache.append(buf)
+        self._logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, arch.vocab_size), np.float32)
+        self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
+
+    # -- the model, one run at a time -------------------------------------------------
+
+    def forward(self, ids: Sequence[int], past_length: int, all_logits: bool = False) -> np.ndarray:
+        """Run `ids` after `past_length` cached positions; returns logits (len(ids) or 1, vocab).
+
+        The new keys and values are written into the cache at [past_length, past_length + len(ids)).
+        """
+        total = past_length + len(ids)
+        if total > self.context_length:
+            raise ContextLengthError(
+                f"{total} tokens do not fit in the context length of {self.context_length}"
+            )
+        b = self._binding
+        b.bind_cpu_input("input_ids", np.asarray(ids, dtype=np.int64)[None, :])
+        b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        b.bind_cpu_input("num_logits_to_keep", np.array([len(ids) if all_logits else 1], dtype=np.int64))
+        logits = self._logits
+        if all_logits:
+            logits = ort.OrtValue.ortvalue_from_shape_and_type((1, len(ids), self._logits.shape()[2]), np.float32)
+        b.bind_ortvalue_output("logits", logits)
+        self.session.run_with_iobinding(b)
+        return logits.numpy()[0].copy()  # numpy() may view the bound buffer, which the next run overwrites
+
+    def prefill(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
+        """Bring the cache to hold exactly `ids`, reusing the longest cached prefix.
+
+        Returns the last position's logits (vocab,) and how many tokens came from the cache.
+        """
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.context_length:
+            raise ContextLengthError(
+                f"the prompt is {len(ids)} tokens but the context length is {self.context_length}; "
+                "shorten the prompt (at least one position must be left to generate into)"
+            )
+        reuse = 0
+        limit = min(len(self._cached_ids), len(ids) - 1)  # feed at least one token to get logits
+        while reuse < limit and self._cached_ids[reuse] == ids[reuse]:
+            reuse += 1
+        self._cached_ids = self._cached_ids[:reuse]
+        logits = self.forward(ids[reuse:], reuse)[-1]
+        self._cached_ids = list(ids)
+        return logits, reuse
+
+    def step(self, token_id: int) -> np.ndarray:
+        """Feed one token after the cached ones; logits (vocab,)."""
+        logits = self.forward([token_id], len(self._cached_ids))[-1]
+        self._cached_ids.append(token_id)
+        return logits
+
+    def reset(self) -> None:
+        """Forget the cached tokens (the next prompt is computed from scratch)."""
+        self._cached_ids = []
+
+    # -- text in, text out ----------------------------------------------------------
+
+    def encode(self, prompt: str | Sequence[dict]) -> list[int]:
+        """Token ids for a plain prompt (with the tokenizer's special tokens) or a chat conversation."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt).ids
+        if self.manifest.chat is None:
+            raise chat_format.ChatFormatError("this bundle's model has no chat template; pass a plain prompt")
+        text = chat_format.render(self.manifest.chat, prompt, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def stream(
+        self,
+        prompt: str | Sequence[dict],
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> Stream:
+        """Generate from `prompt` (text, or a list of chat messages), yielding text as it comes.
+
+        Settings left as None take the bundle's generation defaults. Raises
+        ContextLengthError before any work when the prompt does not fit.
+        """
+        gen = self.manifest.generation
+        cfg = SamplingConfig(
+            temperature=gen.get("temperature", 0.0) if temperature is None else temperature,
+            top_k=gen.get("top_k", 0) if top_k is None else top_k,
+            top_p=gen.get("top_p", 1.0) if top_p is None else top_p,
+            repetition_penalty=gen.get("repetition_penalty", 1.0) if repetition_penalty is None else repetition_penalty,
+            seed=seed,
+        )
+        max_new = gen.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        stats = Stats()
+        t0 = time.perf_counter()
+        ids = self.encode(prompt)
+        stats.tokenize_s = time.perf_counter() - t0
+        if len(ids) >= self.context_length:
+            raise ContextLengthError(
+                f"the prompt is {len(ids)} tokens but the context length is {self.context_length}; "
+                "shorten the prompt (at least one position must be left to generate into)"
+            )
+        return Stream(self._generate(ids, cfg, max_new, list(stop), stats))
+
+    def generate(self, prompt: str | Sequence[dict], **kwargs) -> Completion:
+        """Generate from `prompt` and return the whole completion; takes the same settings as stream()."""
+        s = self.stream(prompt, **kwargs)
+        for _ in s:
+            pass
+        assert s.completion is not None
+        return s.completion
+
+    def _generate(
+        self, ids: list[int], cfg: SamplingConfig, max_new: int, stop: list[str], stats: Stats
+    ) -> Iterator[str]:
+        rng = np.random.default_rng(cfg.seed)
+        stats.prompt_tokens = len(ids)
+        t0 = time.perf_counter()
+        logits, stats.cached_tokens = self.prefill(ids)
+        stats.prefill_s = time.perf_counter() - t0
+
+        seen = np.array(ids, dtype=np.int64) if cfg.repetition_penalty != 1.0 else np.empty(0, np.int64)
+        out: list[int] = []
+        emitted = 0  # characters of text already yielded
+        hold = max((len(s) for s in stop), default=1) - 1  # hold back what may be the start of a stop string
+        finish = "length"
+        text = ""
+        while True:
+            t = time.perf_counter()
+            token = sample(logits, cfg, rng, seen)
+            stats.sample_s += time.perf_counter() - t
+            if token in self.eos_token_ids:
+                finish = "eos"
+                break
+            out.append(token)
+            if cfg.repetition_penalty != 1.0:
+                seen = np.append(seen, token)
+
+            t = time.perf_counter()
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            stats.detokenize_s += time.perf_counter() - t
+            cut = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+                finish = "stop"
+                break
+            ready = len(text) - hold
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                ready = min(ready, len(text) - 1)
+            if ready > emitted:
+                yield text[emitted:ready]
+                emitted = ready
+            if len(out) >= max_new:
+                break
+            if len(self._cached_ids) + 1 >= self.context_length:
+                finish = "context"
+                break
+            t = time.perf_counter()
+            logits = self.step(token)
+            stats.decode_s.append(time.perf_counter() - t)
+        if len(text) > emitted:
+            yield text[emitted:]
+        return Completion(text=text, token_ids=out, finish_reason=finish, stats=stats)
+

