@@ -57,6 +57,9 @@ class Manifest:
     chat: dict | None = None  # the chat format derived from the template, see device/chat.py
     source: dict = field(default_factory=dict)  # where the weights came from
     adapters: list = field(default_factory=list)
+    # prefix tuning baked in: {"file": "prefix_kv.npz", "length": P}; the npz holds key.{i} and
+    # value.{i}, each (kv_heads, P, head_size), loaded into cache positions [0, P) of every sequence
+    prefix: dict | None = None
     files: dict = field(default_factory=dict)  # file name -> sha256
     format_version: int = FORMAT_VERSION
     edgekit_version: str = ""

@@ -127,26 +127,46 @@ class Model:
         self.eos_token_ids = set(gen.get("eos_token_ids", []))
 
         # The KV cache: allocated once, bound as both past input and present output.
+        # numpy owns the memory (OrtValue wraps it without a copy) so a baked-in prefix can be written in.
         shape = (1, arch.num_kv_heads, self.context_length, arch.head_size)  # (batch, kv_heads, seq, head_size)
         self._binding = self.session.io_binding()
-        self._cache = []
+        self._cache: dict[str, np.ndarray] = {}
         for i in range(arch.num_layers):
             for kind in ("key", "value"):
-                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32)
-                self._binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
-                self._binding.bind_ortvalue_output(f"present.{i}.{kind}", buf)
-                self._cache.append(buf)
+                buf = np.zeros(shape, dtype=np.float32)
+                value = ort.OrtValue.ortvalue_from_numpy(buf)
+                self._binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+                self._binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
+                self._cache[f"{kind}.{i}"] = buf
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, arch.vocab_size), np.float32)
+        self.prefix_length = self._load_prefix()
         self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
+
+    def _load_prefix(self) -> int:
+        """Write a prefix-tuning adapter's keys and values into cache positions [0, P); returns P.
+
+        Every sequence then starts after them: prompts are fed at positions P, P + 1, ...
+        """
+        prefix = self.manifest.prefix
+        if not prefix:
+            return 0
+        length = int(prefix["length"])
+        if length >= self.context_length:
+            raise ValueError(f"the bundle's {length}-token prefix leaves no room in context length {self.context_length}")
+        with np.load(self.path / prefix["file"]) as kv:
+            for name, buf in self._cache.items():
+                buf[0, :, :length, :] = kv[name]  # (kv_heads, P, head_size)
+        return length
 
     # -- the model, one run at a time -------------------------------------------------
 
     def forward(self, ids: Sequence[int], past_length: int, all_logits: bool = False) -> np.ndarray:
-        """Run `ids` after `past_length` cached positions; returns logits (len(ids) or 1, vocab).
+        """Run `ids` after `past_length` cached tokens; returns logits (len(ids) or 1, vocab).
 
-        The new keys and values are written into the cache at [past_length, past_length + len(ids)).
+        The new keys and values are written into the cache right after the baked-in prefix
+        (if any) and the `past_length` tokens before them.
         """
-        total = past_length + len(ids)
+        total = self.prefix_length + past_length + len(ids)
         if total > self.context_length:
             raise ContextLengthError(
                 f"{total} tokens do not fit in the context length of {self.context_length}"
@@ -170,11 +190,7 @@ class Model:
         """
         if not ids:
             raise ValueError("the prompt is empty")
-        if len(ids) >= self.context_length:
-            raise ContextLengthError(
-                f"the prompt is {len(ids)} tokens but the context length is {self.context_length}; "
-                "shorten the prompt (at least one position must be left to generate into)"
-            )
+        self._check_fits(len(ids))
         reuse = 0
         limit = min(len(self._cached_ids), len(ids) - 1)  # feed at least one token to get logits
         while reuse < limit and self._cached_ids[reuse] == ids[reuse]:
@@ -183,6 +199,14 @@ class Model:
         logits = self.forward(ids[reuse:], reuse)[-1]
         self._cached_ids = list(ids)
         return logits, reuse
+
+    def _check_fits(self, prompt_tokens: int) -> None:
+        room = self.context_length - self.prefix_length
+        if prompt_tokens >= room:
+            raise ContextLengthError(
+                f"the prompt is {prompt_tokens} tokens but the context length leaves room for {room - 1}; "
+                "shorten the prompt (at least one position must be left to generate into)"
+            )
 
     def step(self, token_id: int) -> np.ndarray:
         """Feed one token after the cached ones; logits (vocab,)."""
@@ -237,11 +261,7 @@ class Model:
         t0 = time.perf_counter()
         ids = self.encode(prompt)
         stats.tokenize_s = time.perf_counter() - t0
-        if len(ids) >= self.context_length:
-            raise ContextLengthError(
-                f"the prompt is {len(ids)} tokens but the context length is {self.context_length}; "
-                "shorten the prompt (at least one position must be left to generate into)"
-            )
+        self._check_fits(len(ids))
         return Stream(self._generate(ids, cfg, max_new, list(stop), stats))
 
     def generate(self, prompt: str | Sequence[dict], **kwargs) -> Completion:
@@ -294,7 +314,7 @@ class Model:
                 emitted = ready
             if len(out) >= max_new:
                 break
-            if len(self._cached_ids) + 1 >= self.context_length:
+            if self.prefix_length + len(self._cached_ids) + 1 >= self.context_length:
                 finish = "context"
                 break
             t = time.perf_counter()

@@ -35,6 +35,15 @@ DEFAULT_MAX_NEW_TOKENS = 256
 class ExportOptions:
     context_length: int | None = None  # KV cache length; default min(2048, the model's maximum)
     target: dict = field(default_factory=lambda: dict(DEFAULT_TARGET))
+    adapters: list[str] = field(default_factory=list)  # "[name=]path[:weight]" specs (host/adapters.py)
+    # quantization (host/quant/); None means the method's or the target's default
+    quant: str | None = None  # none | rtn | gptq | awq | smoothquant
+    bits: int | None = None
+    group_size: int | None = None
+    calib: str | None = None  # a .txt or .jsonl file; None: the built-in default text
+    calib_samples: int | None = None
+    calib_seq_len: int | None = None
+    seed: int = 0
 
 
 def export(source: str | Path, out: str | Path, options: ExportOptions | None = None,

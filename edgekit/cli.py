@@ -1,0 +1,175 @@
+"""The `edgekit` command.
+
+Device commands (generate, info, ...) import only the device side; host commands
+(export, ...) import torch and transformers when they run, not before.
+User mistakes are printed as one line on stderr with exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules that add their own subcommands with register(subparsers).
+COMMAND_MODULES: list[str] = []
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgekit", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime decides")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_export(sub)
+    _add_generate(sub)
+    _add_info(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="edgekit: %(message)s", stream=sys.stderr)
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # user-facing errors are one line; bugs keep their traceback
+        if _is_user_error(e):
+            print(f"edgekit {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_error(e: Exception) -> bool:
+    from edgekit.device.bundle import BundleError
+    from edgekit.device.chat import ChatFormatError
+    from edgekit.device.generate import ContextLengthError
+
+    if isinstance(e, (UserError, BundleError, ChatFormatError, ContextLengthError, FileNotFoundError)):
+        return True
+    host = sys.modules.get("edgekit.host.load")
+    return host is not None and isinstance(e, host.ExportError)
+
+
+# -- export ------------------------------------------------------------------------
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model to a bundle (host side)",
+                       description="Export a model to a bundle a device can run. SOURCE is a shipped model "
+                                   "name (smollm2-135m), a Hugging Face model folder, or a .gguf file.")
+    p.add_argument("source", help="smollm2-135m, a Hugging Face folder, or a .gguf file")
+    p.add_argument("--out", required=True, help="the bundle folder to write")
+    p.add_argument("--context-length", type=int, help="KV cache length (default: min(2048, the model's maximum))")
+    p.add_argument("--target", help="device profile(s) from targets/, comma-separated (default: x86-avx2)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH[:WEIGHT]",
+                   help="a PEFT adapter folder to merge (LoRA) or bake in (prefix tuning); repeatable")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--quant", choices=["none", "rtn", "gptq", "awq", "smoothquant"], help="method (default: none)")
+    q.add_argument("--bits", type=int, help="weight bits: 4 or 8")
+    q.add_argument("--group-size", type=int, help="weights per scale: 32, 64, 128, or 0 for per-channel")
+    q.add_argument("--calib", help="calibration text: a .txt file or a .jsonl of {\"text\": ...}")
+    q.add_argument("--calib-samples", type=int, help="calibration samples (N)")
+    q.add_argument("--calib-seq-len", type=int, help="tokens per calibration sample (L)")
+    q.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    try:
+        from edgekit.host import ExportOptions, export
+    except ImportError as e:
+        raise UserError(f"export needs the host side: pip install 'edgekit[export]' ({e})") from None
+    if args.context_length is not None and args.context_length < 2:
+        raise UserError("--context-length must be at least 2")
+    options = ExportOptions(context_length=args.context_length, adapters=args.adapter, quant=args.quant,
+                            bits=args.bits, group_size=args.group_size, calib=args.calib,
+                            calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed)
+    out = export(args.source, args.out, options)
+    print(out)
+    return 0
+
+
+# -- generate ----------------------------------------------------------------------
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a bundle (device side)",
+                       description="Generate text from a bundle, streaming tokens as they come.")
+    p.add_argument("bundle", help="a bundle folder made by `edgekit export`")
+    p.add_argument("prompt", nargs="?", help="a plain prompt (continued as text)")
+    p.add_argument("--chat", metavar="MESSAGE", help="a user message, formatted with the model's chat template")
+    p.add_argument("--system", help="a system message for --chat")
+    p.add_argument("--max-new-tokens", type=int, help="default: the bundle's (256)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the bundle's)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the target's)")
+    p.add_argument("--stats", action="store_true", help="print one line of timings after the answer")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from edgekit.device import Model
+
+    if (args.prompt is None) == (args.chat is None):
+        raise UserError("give either a PROMPT or --chat MESSAGE")
+    if args.system and args.chat is None:
+        raise UserError("--system goes with --chat")
+    prompt = args.prompt
+    if args.chat is not None:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                 [{"role": "user", "content": args.chat}]
+    model = Model(args.bundle, threads=args.threads)
+    try:
+        stream = model.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                              seed=args.seed, stop=args.stop)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    done = stream.completion
+    if done.finish_reason == "context":
+        print(f"edgekit generate: stopped at the context length ({model.context_length} tokens)", file=sys.stderr)
+    if args.stats:
+        print(f"[{done.finish_reason}] {done.stats.summary()} | {model.provider}", file=sys.stderr)
+    return 0
+
+
+# -- info --------------------------------------------------------------------------
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="verify a bundle and show its manifest")
+    p.add_argument("bundle")
+    p.set_defaults(run=_run_info)
+
+
+def _run_info(args) -> int:
+    from edgekit.device.bundle import bundle_hash, read_manifest
+
+    m = read_manifest(args.bundle)
+    a = m.architecture
+    print(f"bundle        {args.bundle} ({bundle_hash(m)}), format {m.format_version}, all files verified")
+    print(f"architecture  {a.model_type}: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}/"
+          f"{a.num_kv_heads} kv, head size {a.head_size}, vocab {a.vocab_size}, context {a.context_length}")
+    print(f"quantization  {m.quantization}")
+    print(f"graph         {m.graph['flavour']}, opset {m.graph['opset']}")
+    print(f"target        {m.target.get('name')}")
+    print(f"chat          {'yes' if m.chat else 'no'}")
+    for name, digest in sorted(m.files.items()):
+        print(f"  {digest[:16]}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Fresh machine -> set up and run the whole test suite (slow tests included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+    # the MQTT tests start a real Mosquitto broker
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
+fi
+bash scripts/setup.sh
+python3 -m pytest -q -ra "$@"
