@@ -43,6 +43,7 @@ class Stats:
 
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV were already in the cache
+    new_tokens: int = 0
     tokenize_s: float = 0.0
     prefill_s: float = 0.0  # the model run over the prompt, up to the first logits
     decode_s: list[float] = field(default_factory=list)  # one model run per generated token after the first
@@ -64,7 +65,7 @@ class Stats:
         return (
             f"prompt {self.prompt_tokens} tok ({self.cached_tokens} cached) | "
             f"ttft {self.time_to_first_token_s * 1e3:.1f} ms | prefill {prefill_tps:.1f} tok/s | "
-            f"decode {len(self.decode_s) + 1} tok at {self.decode_tokens_per_s:.1f} tok/s | "
+            f"{self.new_tokens} new tok, decode {self.decode_tokens_per_s:.1f} tok/s | "
             f"tokenize {self.tokenize_s * 1e3:.2f} ms, sample {self.sample_s * 1e3:.2f} ms"
         )
 
@@ -109,6 +110,7 @@ class Model:
         context_length: int | None = None,
         verify: bool = True,
         session_config: dict[str, str] | None = None,
+        profile_prefix: str | Path | None = None,
     ):
         self.path = Path(bundle)
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
@@ -121,6 +123,7 @@ class Model:
             providers or target.get("execution_providers"),
             threads if threads is not None else target.get("threads"),
             {**target.get("session_config", {}), **(session_config or {})},
+            profile_prefix=profile_prefix,  # onnxruntime's op profiler, for `edgekit bench --profile-ops`
         )
         self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         gen = self.manifest.generation
@@ -322,5 +325,6 @@ class Model:
             stats.decode_s.append(time.perf_counter() - t)
         if len(text) > emitted:
             yield text[emitted:]
+        stats.new_tokens = len(out)
         return Completion(text=text, token_ids=out, finish_reason=finish, stats=stats)
 

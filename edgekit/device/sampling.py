@@ -40,11 +40,10 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return logits
 
 
-def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator, seen: np.ndarray) -> int:
-    """Pick one token id from `logits` (vocab,) given the ids `seen` so far."""
+def distribution(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate token ids and their probabilities after penalty, temperature, top-k and top-p."""
+    assert cfg.temperature > 0, "greedy decoding has no distribution"
     logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), seen, cfg.repetition_penalty)
-    if cfg.temperature == 0.0:
-        return int(np.argmax(logits))
     logits = logits / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = np.partition(logits, -cfg.top_k)[-cfg.top_k]
@@ -57,4 +56,13 @@ def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator, se
         cut = int(np.searchsorted(np.cumsum(probs), cfg.top_p)) + 1
         probs = probs[:cut] / probs[:cut].sum()
         order = order[:cut]
-    return int(order[rng.choice(len(probs), p=probs)])
+    keep = probs > 0
+    return order[keep], probs[keep]
+
+
+def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator, seen: np.ndarray) -> int:
+    """Pick one token id from `logits` (vocab,) given the ids `seen` so far."""
+    if cfg.temperature == 0.0:
+        return int(np.argmax(apply_repetition_penalty(logits, seen, cfg.repetition_penalty)))
+    ids, probs = distribution(logits, cfg, seen)
+    return int(ids[rng.choice(len(probs), p=probs)])

@@ -1,0 +1,85 @@
+"""The `edgekit` command as a user runs it: help, export, generate, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgekit.device.bundle import MANIFEST
+
+
+def edgekit(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgekit.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, fragment: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert fragment in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("command", ["export", "generate", "info"])
+def test_each_command_has_help(command):
+    r = edgekit(command, "--help")
+    assert r.returncode == 0 and "usage: edgekit" in r.stdout
+
+
+def test_export_a_hugging_face_folder_then_generate_streams_text(make_tiny, tmp_path):
+    folder, _ = make_tiny("qwen2")
+    r = edgekit("export", folder, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert "[1/3] loading" in r.stderr and "[3/3] writing" in r.stderr  # progress
+    assert json.loads((tmp_path / "b" / MANIFEST).read_text())["architecture"]["model_type"] == "qwen2"
+
+    r = edgekit("generate", tmp_path / "b", "Hello robot", "--max-new-tokens", "6", "--stats")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    assert "ttft" in r.stderr
+    r = edgekit("generate", tmp_path / "b", "--chat", "Hi", "--system", "Be brief.", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+
+
+def test_missing_path_is_one_line(tmp_path):
+    assert_one_line_error(edgekit("export", tmp_path / "nope", "--out", tmp_path / "b"), "no such file or folder")
+
+
+def test_unsupported_architecture_lists_what_is_supported(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    r = edgekit("export", tmp_path / "gpt2", "--out", tmp_path / "b")
+    assert_one_line_error(r, "'gpt2' is not supported; supported: llama, mistral, qwen2")
+    assert not (tmp_path / "b").exists()
+
+
+def test_corrupt_gguf_is_one_line(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 10)
+    assert_one_line_error(edgekit("export", bad, "--out", tmp_path / "b"), "cannot read the GGUF file")
+    assert not (tmp_path / "b").exists()
+
+
+def test_generate_errors_are_one_line(tiny_bundle, tmp_path):
+    assert_one_line_error(edgekit("generate", tmp_path, "hi"), "not a bundle")
+    assert_one_line_error(edgekit("generate", tiny_bundle, "word " * 400), "context length")
+    assert_one_line_error(edgekit("generate", tiny_bundle), "give either a PROMPT or --chat")
+
+
+@pytest.mark.slow
+def test_export_the_shipped_gguf_by_path_gives_the_same_bundle(smollm2_bundle, tmp_path):
+    from edgekit.host.load import resolve
+
+    src = resolve("smollm2-135m")
+    r = edgekit("export", src.folder / src.gguf_file, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    by_path = json.loads((tmp_path / "b" / MANIFEST).read_text())["files"]
+    by_name = json.loads((smollm2_bundle / MANIFEST).read_text())["files"]
+    assert by_path == by_name  # byte-identical: export is deterministic
+
+    r = edgekit("generate", tmp_path / "b", "--chat", "What is a Raspberry Pi?", "--max-new-tokens", "24")
+    assert r.returncode == 0, r.stderr
+    assert "Raspberry Pi" in r.stdout or "computer" in r.stdout.lower()

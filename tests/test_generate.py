@@ -1,0 +1,108 @@
+"""Generation on the device runtime: the KV cache, sampling, stop conditions, chat."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgekit.device import ContextLengthError, Model
+from edgekit.device.chat import ChatFormatError
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle):
+    return Model(tiny_bundle)
+
+
+def test_cached_decoding_equals_recomputing_the_whole_sequence(model):
+    ids = model.encode("Robots need clear rules")
+    logits, _ = model.prefill(ids)
+    seq = list(ids)
+    for _ in range(8):
+        seq.append(int(np.argmax(logits)))
+        logits = model.step(seq[-1])
+    model.reset()
+    full = model.forward(seq, 0, all_logits=True)[-1]
+    np.testing.assert_allclose(logits, full, atol=1e-4)
+
+
+def test_a_prompt_that_extends_the_cached_one_feeds_only_the_new_tokens(model):
+    model.reset()
+    first = model.generate("The red cube is on the table.", max_new_tokens=4, temperature=0)
+    assert first.stats.cached_tokens == 0
+    again = model.generate("The red cube is on the table. Where is it?", max_new_tokens=4, temperature=0)
+    assert again.stats.cached_tokens > 5
+    model.reset()
+    fresh = model.generate("The red cube is on the table. Where is it?", max_new_tokens=4, temperature=0)
+    assert fresh.token_ids == again.token_ids
+
+
+def test_streamed_pieces_join_to_the_completion_text(model):
+    stream = model.stream("Once upon a time", max_new_tokens=20, temperature=0)
+    pieces = list(stream)
+    assert "".join(pieces) == stream.completion.text
+    assert stream.completion.finish_reason == "length"
+    assert len(stream.completion.token_ids) == 20
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_reproducible(model):
+    a = model.generate("A robot", max_new_tokens=12, temperature=0)
+    b = model.generate("A robot", max_new_tokens=12, temperature=0)
+    assert a.token_ids == b.token_ids
+    s1 = model.generate("A robot", max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    s2 = model.generate("A robot", max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    s3 = model.generate("A robot", max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=8)
+    assert s1.token_ids == s2.token_ids
+    assert s1.token_ids != s3.token_ids
+
+
+def test_repetition_penalty_changes_greedy_output(model):
+    plain = model.generate("the the the the", max_new_tokens=16, temperature=0)
+    penalised = model.generate("the the the the", max_new_tokens=16, temperature=0, repetition_penalty=1.5)
+    assert plain.token_ids != penalised.token_ids
+    assert len(set(penalised.token_ids)) >= len(set(plain.token_ids))
+
+
+def test_a_stop_string_ends_generation_and_is_not_returned(model):
+    full = model.generate("Count:", max_new_tokens=24, temperature=0)
+    stop = full.text[5:8]
+    assert stop and stop in full.text
+    cut = model.generate("Count:", max_new_tokens=24, temperature=0, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+
+
+def test_an_oversized_prompt_is_refused_before_any_work(model):
+    long_prompt = "word " * 400  # the tiny bundle's context is 256 tokens
+    with pytest.raises(ContextLengthError, match="context length"):
+        model.stream(long_prompt)
+
+
+def test_generation_stops_cleanly_when_the_cache_is_full(tiny_bundle):
+    small = Model(tiny_bundle, context_length=24)
+    done = small.generate("A long story begins here and", max_new_tokens=100, temperature=0)
+    assert done.finish_reason == "context"
+    assert done.stats.prompt_tokens + len(done.token_ids) <= 24
+
+
+def test_chat_messages_are_rendered_with_the_models_own_template(model, smol_tokenizer):
+    messages = [{"role": "system", "content": "You are a robot."}, {"role": "user", "content": "Hello"}]
+    want = smol_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert model.encode(messages) == list(want)
+    no_system = [{"role": "user", "content": "Hello"}]
+    want = smol_tokenizer.apply_chat_template(no_system, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert model.encode(no_system) == list(want)  # SmolLM2's default system prompt included
+
+
+def test_malformed_chat_messages_get_a_clear_error(model):
+    with pytest.raises(ChatFormatError, match="role"):
+        model.encode([{"content": "no role"}])
+    with pytest.raises(ChatFormatError, match="no form"):
+        model.encode([{"role": "tool", "content": "x"}])
+
+
+def test_invalid_sampling_settings_are_refused(model):
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate("x", top_p=1.5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate("x", max_new_tokens=0)
