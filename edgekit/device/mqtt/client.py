@@ -1,0 +1,279 @@
+"""A client for other nodes on the bus: ask a device (or the fleet) and get the answer.
+
+    with Client("mqtt://localhost:1883", device_id="arm-01") as client:
+        print(client.ask("Pick up the red cube", max_new_tokens=64).text)
+        for piece in client.stream("Where is the cube?"):
+            print(piece, end="", flush=True)
+
+Delivery is at least once on the wire (QoS 1) and exactly once here: replies are
+matched by correlation data, repeated chunks and finals are dropped, and a request
+that hears nothing for `retry_s` is published again with the same correlation data,
+which the service answers from its journal without generating twice.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edgekit.device.mqtt import protocol as proto
+from edgekit.device.mqtt.connection import BrokerConfig, make_connection
+
+
+class RequestError(RuntimeError):
+    """The device answered with an error reply (`code` as in protocol.py), or no answer came in time."""
+
+    def __init__(self, code: str, message: str, device_id: str | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.device_id = device_id
+
+
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str  # eos | stop | length | context | cancelled | deadline
+    device_id: str
+    usage: dict = field(default_factory=dict)  # prompt_tokens, cached_tokens, completion_tokens
+    timing: dict = field(default_factory=dict)  # queue_s, ttft_s, prefill_s, decode_tokens_per_s, total_s
+
+
+class Pending:
+    """One request in flight. Iterate for the text pieces as they stream in; `result()`
+    waits for the whole answer; `cancel()` asks the device to stop."""
+
+    def __init__(self, client: "Client", topic: str, correlation: bytes, payload: bytes, timeout: float,
+                 expiry_s: int | None = None):
+        self._client = client
+        self.expiry_s = expiry_s
+        self.topic = topic
+        self.correlation = correlation
+        self.payload = payload
+        self.timeout = timeout
+        self._replies: queue.Queue[dict] = queue.Queue()
+        # touched only on paho's network thread: what was already passed on
+        self._next_seq = 0
+        self._final_seen = False
+        self._answer: Answer | None = None
+        self._error: RequestError | None = None
+        self._streamed = ""
+        self.last_heard = time.monotonic()  # last publish of the request or reply to it
+
+    def __iter__(self) -> Iterator[str]:
+        """Text pieces in order; ends when the answer is complete (then see `result()`).
+
+        Raises RequestError on an error reply or when nothing arrives within the timeout.
+        """
+        while self._answer is None:
+            if self._error is not None:
+                raise self._error
+            reply = self._next_reply()
+            if reply["type"] == "chunk":
+                self._streamed += reply["text"]
+                yield reply["text"]
+            elif reply["type"] == "done":
+                self._answer = Answer(reply["text"], reply["finish_reason"], reply["device_id"],
+                                      reply.get("usage", {}), reply.get("timing", {}))
+                # chunks lost with a broker that restarted without persistence: the final has everything
+                if self._answer.text.startswith(self._streamed) and len(self._answer.text) > len(self._streamed):
+                    yield self._answer.text[len(self._streamed):]
+            else:
+                self._error = RequestError(reply["code"], reply["message"], reply.get("device_id"))
+                raise self._error
+
+    def result(self) -> Answer:
+        """The whole answer; raises RequestError on an error reply or a timeout."""
+        for _ in self:
+            pass
+        if self._error is not None:
+            raise self._error
+        assert self._answer is not None
+        return self._answer
+
+    @property
+    def answer(self) -> Answer | None:
+        """The answer once iteration has finished, else None."""
+        return self._answer
+
+    def cancel(self) -> None:
+        """Ask the device to stop; the answer then ends with finish_reason "cancelled"."""
+        self._client._cancel(self)
+
+    def _next_reply(self) -> dict:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._client._forget(self)
+                raise RequestError("timeout", f"no answer within {self.timeout:g} s; is a device serving "
+                                              f"{self.topic}? (check its status topic)")
+            try:
+                return self._replies.get(timeout=min(left, self._client.retry_s / 2))
+            except queue.Empty:
+                self._client._retry_silent()
+
+    def _deliver(self, reply: dict) -> None:
+        """On the network thread: pass a reply on once, in order."""
+        if self._final_seen:
+            return
+        self.last_heard = time.monotonic()
+        if reply["type"] == "chunk":
+            if reply.get("seq") != self._next_seq:
+                return  # a repeat (QoS 1 redelivery, a re-sent request) or a gap the final will fill
+            self._next_seq += 1
+        else:
+            self._final_seen = True
+        self._replies.put(reply)
+
+
+class Client:
+    """Asks edgekit devices over MQTT v5. Safe to use from several threads."""
+
+    def __init__(self, broker: str | BrokerConfig, *, device_id: str | None = None,
+                 prefix: str = proto.DEFAULT_PREFIX, client_id: str | None = None, timeout: float = 60.0,
+                 retry_s: float = 10.0, connect_timeout: float = 10.0):
+        self.config = broker if isinstance(broker, BrokerConfig) else BrokerConfig(url=broker)
+        self.topics = proto.Topics(prefix)
+        self.device_id = device_id
+        self.client_id = client_id or f"edgekit-client-{uuid.uuid4().hex[:12]}"
+        proto.check_topic_name(self.client_id, "client id")
+        self.timeout = timeout
+        self.retry_s = retry_s
+        self.reply_topic = self.topics.replies(self.client_id)
+        self._pending: dict[bytes, Pending] = {}
+        self._lock = threading.Lock()
+        self.connected = threading.Event()  # connected and subscribed to the reply topic
+        self._was_connected = False
+        self._sub_mid: int | None = None
+        self.conn = make_connection(self.config, self.client_id, session_expiry_s=300,
+                                    clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY)
+        c = self.conn.client
+        c.on_connect = self._on_connect
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
+        c.on_disconnect = lambda *_: self.connected.clear()
+        self.conn.start()
+        if not self.connected.wait(connect_timeout):
+            self.conn.stop()
+            raise ConnectionError(f"could not connect to {self.config.url} and subscribe within "
+                                  f"{connect_timeout:g} s; is the broker running, and are the address, "
+                                  "TLS files and credentials right?")
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.conn.stop()
+
+    # -- asking --------------------------------------------------------------------------
+
+    def submit(self, prompt: str | Sequence[dict], *, device_id: str | None = None,
+               timeout: float | None = None, expiry_s: int | None = None, **settings) -> Pending:
+        """Send a request and return at once. `prompt` is text or chat messages; `settings` are
+        the request fields (max_new_tokens, temperature, seed, stop, stream, deadline...).
+
+        device_id: that device only; None: the client's device, or else any device of the fleet.
+        expiry_s: MQTT message expiry; the broker drops the request, and the device refuses
+        it, when it has waited longer.
+        """
+        key = "prompt" if isinstance(prompt, str) else "messages"
+        request = proto.Request(**{key: prompt if isinstance(prompt, str) else list(prompt)}, **settings)
+        device = device_id or self.device_id
+        topic = self.topics.device_requests(device) if device else self.topics.fleet_requests
+        pending = Pending(self, topic, uuid.uuid4().hex.encode(), request.to_json(), timeout or self.timeout,
+                          expiry_s)
+        with self._lock:
+            self._pending[pending.correlation] = pending
+        self._publish_request(pending)
+        return pending
+
+    def ask(self, prompt: str | Sequence[dict], **settings) -> Answer:
+        """Send a request and wait for the whole answer; raises RequestError on an error reply."""
+        return self.submit(prompt, stream=False, **settings).result()
+
+    def stream(self, prompt: str | Sequence[dict], **settings) -> Pending:
+        """Send a request; iterate the result for text pieces, then read `.answer`."""
+        return self.submit(prompt, stream=True, **settings)
+
+    def send_raw(self, topic: str, payload: bytes, correlation: bytes | None = None,
+                 timeout: float | None = None) -> Pending:
+        """Publish any payload as a request (tests, other languages' payloads); await its replies."""
+        correlation = correlation or uuid.uuid4().hex.encode()
+        pending = Pending(self, topic, correlation, payload, timeout or self.timeout)
+        with self._lock:
+            self._pending[correlation] = pending
+        self._publish_request(pending)
+        return pending
+
+    def _retry_silent(self) -> None:
+        """Publish again every request that heard nothing for retry_s (same correlation data:
+        the device answers a repeat from its journal and never generates twice)."""
+        now = time.monotonic()
+        with self._lock:
+            silent = [p for p in self._pending.values() if now - p.last_heard >= self.retry_s]
+        for p in silent:  # publish outside the lock
+            self._publish_request(p)
+
+    def _publish_request(self, pending: Pending) -> None:
+        pending.last_heard = time.monotonic()
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = pending.correlation
+        props.ContentType = "application/json"
+        if pending.expiry_s:
+            props.MessageExpiryInterval = pending.expiry_s
+        self.conn.client.publish(pending.topic, pending.payload, qos=1, properties=props)
+
+    def _cancel(self, pending: Pending) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = pending.correlation
+        self.conn.client.publish(self.topics.cancel, b'{"v":1}', qos=1, properties=props)
+
+    def _forget(self, pending: Pending) -> None:
+        with self._lock:
+            self._pending.pop(pending.correlation, None)
+
+    # -- paho callbacks (network thread) ------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            return  # connect_timeout in __init__ reports it
+        if self._was_connected and not flags.session_present:
+            # the broker lost our session (restarted without persistence): it may have lost requests
+            # and replies too, so ask again at the next wait rather than after a full retry_s
+            with self._lock:
+                for p in self._pending.values():
+                    p.last_heard -= self.retry_s
+        _, self._sub_mid = client.subscribe(self.reply_topic, options=SubscribeOptions(qos=1))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if mid == self._sub_mid and not reason_codes[0].is_failure:
+            self._was_connected = True
+            self.connected.set()
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        correlation = getattr(msg.properties, "CorrelationData", None)
+        with self._lock:
+            pending = self._pending.get(bytes(correlation)) if correlation is not None else None
+        if pending is None:
+            return  # a late repeat of an answer already taken, or someone else's
+        try:
+            reply = proto.parse_reply(msg.payload)
+        except proto.ProtocolError:
+            return
+        pending._deliver(reply)
+        if reply["type"] != "chunk":
+            self._forget(pending)

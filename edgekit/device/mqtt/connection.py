@@ -1,0 +1,96 @@
+"""How to reach the broker: URL, TLS and credentials, turned into a configured paho client."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+
+
+@dataclass
+class BrokerConfig:
+    """Where the broker is and how to log in.
+
+    url: mqtt://host[:1883] or mqtts://host[:8883] (TLS; the server certificate is
+    always checked, against `cafile` or the system's CAs). `certfile`/`keyfile` give a
+    client certificate for brokers that require one.
+    """
+
+    url: str = "mqtt://localhost:1883"
+    username: str | None = None
+    password: str | None = None
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    keepalive: int = 30
+    reconnect_min_s: float = 1.0  # backoff after a lost connection: doubles up to reconnect_max_s
+    reconnect_max_s: float = 30.0
+
+    def address(self) -> tuple[str, int, bool]:
+        """(host, port, tls) from the URL; ValueError with the accepted forms when it is not one."""
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"broker URL {self.url!r}: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS)")
+        tls = parts.scheme == "mqtts"
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise ValueError(f"broker URL {self.url!r}: the port is not a number") from None
+        return parts.hostname, port, tls
+
+
+def read_password_file(path: str | Path) -> str:
+    """The password in `path` (its first line, without the newline)."""
+    text = Path(path).read_text()
+    return text.splitlines()[0] if text else ""
+
+
+@dataclass
+class Connection:
+    """A paho client with what connect_async needs; `start()` connects in the background."""
+
+    client: mqtt.Client
+    config: BrokerConfig
+    properties: Properties  # CONNECT properties: the session expiry
+    clean_start: bool | int
+
+    def start(self) -> None:
+        """Connect from paho's network thread, which retries with backoff until it succeeds
+        and reconnects the same way after a lost connection."""
+        host, port, _ = self.config.address()
+        self.client.connect_async(host, port, keepalive=self.config.keepalive, clean_start=self.clean_start,
+                                  properties=self.properties)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def make_connection(config: BrokerConfig, client_id: str, *, session_expiry_s: int,
+                    clean_start: bool | int = False) -> Connection:
+    """A paho MQTT v5 client with TLS, credentials and reconnect backoff set, not yet connected.
+
+    With clean_start off and a session expiry, the broker keeps the client's subscriptions
+    and its queued QoS 1 messages that long while the client is away.
+    """
+    _, _, tls = config.address()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if tls:
+        if config.keyfile and not config.certfile:
+            raise ValueError("a client key (--keyfile) needs its certificate (--certfile)")
+        client.tls_set(ca_certs=config.cafile, certfile=config.certfile, keyfile=config.keyfile,
+                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    elif config.cafile or config.certfile:
+        raise ValueError(f"TLS files were given but the broker URL {config.url!r} is not mqtts://")
+    if config.username is not None:
+        client.username_pw_set(config.username, config.password)
+    client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = session_expiry_s
+    return Connection(client, config, props, clean_start)

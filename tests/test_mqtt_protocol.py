@@ -1,0 +1,112 @@
+"""The MQTT wire protocol and the journal, without a broker: validation, topics, durability."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgekit.device.mqtt import protocol as proto
+from edgekit.device.mqtt.journal import Journal
+
+LIMIT = 64 * 1024
+
+
+def parse(obj) -> proto.Request:
+    payload = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return proto.parse_request(payload, LIMIT)
+
+
+def test_a_request_round_trips_through_its_json():
+    sent = proto.Request(messages=[{"role": "user", "content": "Pick up the red cube"}], max_new_tokens=16,
+                         temperature=0.7, seed=3, stop=["\n"], stream=False, deadline=1.8e9)
+    assert parse(sent.to_json()) == sent
+    assert json.loads(sent.to_json())["v"] == proto.VERSION
+
+
+@pytest.mark.parametrize("payload, code, says", [
+    (b"\xff\xfe not utf-8", proto.INVALID, "not UTF-8"),
+    (b"{not json", proto.INVALID, "not JSON"),
+    (b"[1, 2]", proto.INVALID, "JSON object"),
+    ({"prompt": "hi"}, proto.UNSUPPORTED_VERSION, '"v" must be 1'),
+    ({"v": 2, "prompt": "hi"}, proto.UNSUPPORTED_VERSION, '"v" must be 1'),
+    ({"v": 1}, proto.INVALID, 'exactly one of "prompt"'),
+    ({"v": 1, "prompt": "a", "messages": [{"role": "user", "content": "b"}]}, proto.INVALID, "exactly one"),
+    ({"v": 1, "prompt": 42}, proto.INVALID, '"prompt" must be a string, got an integer'),
+    ({"v": 1, "prompt": "hi", "max_new_tokens": "ten"}, proto.INVALID, '"max_new_tokens" must be an integer'),
+    ({"v": 1, "prompt": "hi", "max_new_tokens": True}, proto.INVALID, '"max_new_tokens" must be an integer'),
+    ({"v": 1, "prompt": "hi", "max_new_tokens": 0}, proto.INVALID, "must be >= 1"),
+    ({"v": 1, "prompt": "hi", "top_p": 1.5}, proto.INVALID, "(0, 1]"),
+    ({"v": 1, "prompt": "hi", "stream": "yes"}, proto.INVALID, '"stream" must be true or false'),
+    ({"v": 1, "prompt": "hi", "stop": ["ok", 3]}, proto.INVALID, '"stop" must be a list of non-empty strings'),
+    ({"v": 1, "prompt": "hi", "max_tokens": 5}, proto.INVALID, "unknown field(s) 'max_tokens'"),
+    ({"v": 1, "messages": []}, proto.INVALID, "must not be empty"),
+    ({"v": 1, "messages": [{"role": "user"}]}, proto.INVALID, '"messages"[0] must be'),
+    (b'{"v": 1, "prompt": "hi", "temperature": NaN}', proto.INVALID, "finite"),
+])
+def test_a_malformed_request_is_refused_with_a_code_and_a_reason(payload, code, says):
+    with pytest.raises(proto.ProtocolError) as e:
+        parse(payload)
+    assert e.value.code == code
+    assert says in str(e.value)
+
+
+def test_an_oversized_payload_is_refused_before_it_is_decoded():
+    with pytest.raises(proto.ProtocolError) as e:
+        proto.parse_request(b"x" * 2000, max_bytes=1000)
+    assert e.value.code == proto.TOO_LARGE and "2000 bytes" in str(e.value)
+
+
+def test_topic_layout():
+    t = proto.Topics("plant7")
+    assert t.fleet_requests == "plant7/req"
+    assert t.shared_subscription("arms") == "$share/arms/plant7/req"
+    assert t.device_requests("arm-01") == "plant7/dev/arm-01/req"
+    assert t.status("arm-01") == "plant7/dev/arm-01/status"
+    assert t.heartbeat("arm-01") == "plant7/dev/arm-01/heartbeat"
+    assert t.cancel == "plant7/cancel"
+    assert t.replies("planner") == "plant7/reply/planner"
+    for bad in ("", "a/b", "+", "#", "$sys"):
+        with pytest.raises(ValueError):
+            proto.check_topic_name(bad, "device id")
+
+
+def test_replies_decode_and_carry_the_version():
+    final = proto.parse_reply(proto.done(2, "ok", "eos", "arm-01", {"completion_tokens": 1}, {"total_s": 0.1}))
+    assert final["type"] == "done" and final["v"] == proto.VERSION and final["seq"] == 2
+    assert proto.parse_reply(proto.error(proto.QUEUE_FULL, "busy", "arm-01"))["code"] == "queue_full"
+    with pytest.raises(proto.ProtocolError):
+        proto.parse_reply(b'{"v": 1, "type": "something else"}')
+
+
+def test_the_journal_keeps_requests_and_unsent_replies_across_a_reopen(tmp_path):
+    path = tmp_path / "journal.sqlite"
+    j = Journal(path)
+    assert j.accept("r/1", b"a", b'{"v":1,"prompt":"x"}', received=100.0, expires=None)
+    assert j.accept("r/1", b"b", b'{"v":1,"prompt":"y"}', received=101.0, expires=200.0)
+    assert not j.accept("r/1", b"a", b"again", received=102.0, expires=None)  # a repeat is not recorded
+    j.mark_running("r/1", b"a")
+    sent_id = j.finish("r/1", b"a", b"final-a")
+    unsent_id = j.add_reply("r/2", b"z", b"error-z")
+    j.sent(sent_id)
+    j.close()  # as if the process died here
+
+    j = Journal(path)
+    assert j.lookup("r/1", b"a") == ("done", b"final-a")
+    assert j.lookup("r/1", b"nope") is None
+    assert [(r.correlation, r.state, r.expires) for r in j.unfinished()] == [(b"b", "queued", 200.0)]
+    assert [(r.id, r.topic, r.payload) for r in j.unsent()] == [(unsent_id, "r/2", b"error-z")]
+    assert j.prune(older_than=100.5) == 1  # the done request; the queued one stays
+    assert j.lookup("r/1", b"a") is None and len(j.unfinished()) == 1
+    j.close()
+
+
+def test_the_mqtt_service_and_client_import_without_torch():
+    from test_device_without_torch import run_blocked
+
+    r = run_blocked("""
+        import edgekit.device.mqtt, edgekit.device.mqtt_cli
+        assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
+        print("ok")
+    """)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
