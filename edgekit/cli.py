@@ -13,7 +13,8 @@ import logging
 import sys
 
 # Modules that add their own subcommands with register(subparsers).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["edgekit.device.bench_cli", "edgekit.device.eval_cli", "edgekit.device.mqtt_cli",
+                              "edgekit.device.targets_cli"]
 
 
 class UserError(Exception):
@@ -36,19 +37,19 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # user-facing errors are one line; bugs keep their traceback
-        if _is_user_error(e):
+    except Exception as e:  # user-facing errors are one line (with -v, the traceback); bugs keep their traceback
+        if _is_user_error(e) and not args.verbose:
             print(f"edgekit {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise
 
 
 def _is_user_error(e: Exception) -> bool:
+    """Errors about the user's input: ValueError (settings, prompts, profiles), OSError
+    (paths), and the bundle and export errors. Anything else is a bug and keeps its traceback."""
     from edgekit.device.bundle import BundleError
-    from edgekit.device.chat import ChatFormatError
-    from edgekit.device.generate import ContextLengthError
 
-    if isinstance(e, (UserError, BundleError, ChatFormatError, ContextLengthError, FileNotFoundError)):
+    if isinstance(e, (UserError, ValueError, OSError, BundleError)):
         return True
     host = sys.modules.get("edgekit.host.load")
     return host is not None and isinstance(e, host.ExportError)
@@ -64,7 +65,11 @@ def _add_export(sub) -> None:
     p.add_argument("source", help="smollm2-135m, a Hugging Face folder, or a .gguf file")
     p.add_argument("--out", required=True, help="the bundle folder to write")
     p.add_argument("--context-length", type=int, help="KV cache length (default: min(2048, the model's maximum))")
-    p.add_argument("--target", help="device profile(s) from targets/, comma-separated (default: x86-avx2)")
+    p.add_argument("--target", help="device profile(s) from targets/ (see `edgekit targets`), comma-separated: "
+                                    "one bundle per target in OUT/<target>; its defaults apply where no flag is given "
+                                    "(default: a generic fp32 x86-64 bundle)")
+    p.add_argument("--fit-context", action="store_true",
+                   help="shrink the context length until the bundle fits the target's memory instead of refusing")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH[:WEIGHT]",
                    help="a PEFT adapter folder to merge (LoRA) or bake in (prefix tuning); repeatable")
     q = p.add_argument_group("quantization")
@@ -85,11 +90,18 @@ def _run_export(args) -> int:
         raise UserError(f"export needs the host side: pip install 'edgekit[export]' ({e})") from None
     if args.context_length is not None and args.context_length < 2:
         raise UserError("--context-length must be at least 2")
-    options = ExportOptions(context_length=args.context_length, adapters=args.adapter, quant=args.quant,
-                            bits=args.bits, group_size=args.group_size, calib=args.calib,
-                            calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed)
-    out = export(args.source, args.out, options)
-    print(out)
+    from pathlib import Path
+
+    from edgekit.device.targets import load_targets
+
+    targets = load_targets(args.target) if args.target else [None]  # all of them, before any work: fail fast
+    for t in targets:
+        options = ExportOptions(context_length=args.context_length, adapters=args.adapter, quant=args.quant,
+                                bits=args.bits, group_size=args.group_size, calib=args.calib,
+                                calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
+                                fit_context=args.fit_context, **({"target": t.path} if t else {}))
+        out = Path(args.out) / t.name if len(targets) > 1 else args.out  # several targets: one folder each
+        print(export(args.source, out, options))
     return 0
 
 
@@ -138,6 +150,9 @@ def _run_generate(args) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     done = stream.completion
+    if not done.token_ids and done.finish_reason == "eos" and args.chat is None and model.manifest.chat:
+        print("edgekit generate: the model ended its answer at once; chat models answer --chat MESSAGE",
+              file=sys.stderr)
     if done.finish_reason == "context":
         print(f"edgekit generate: stopped at the context length ({model.context_length} tokens)", file=sys.stderr)
     if args.stats:
@@ -172,4 +187,8 @@ def _run_info(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main, not this __main__ copy: subcommand modules raise
+    # edgekit.cli.UserError, which is another class than __main__.UserError
+    from edgekit.cli import main as _main
+
+    sys.exit(_main())

@@ -134,12 +134,15 @@ class Model:
         shape = (1, arch.num_kv_heads, self.context_length, arch.head_size)  # (batch, kv_heads, seq, head_size)
         self._binding = self.session.io_binding()
         self._cache: dict[str, np.ndarray] = {}
+        # the portable graph (standard operators) returns a new, longer present instead: _forward_portable
+        self._portable = self.manifest.graph.get("flavour") == "portable"
         for i in range(arch.num_layers):
             for kind in ("key", "value"):
                 buf = np.zeros(shape, dtype=np.float32)
-                value = ort.OrtValue.ortvalue_from_numpy(buf)
-                self._binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
-                self._binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
+                if not self._portable:
+                    value = ort.OrtValue.ortvalue_from_numpy(buf)
+                    self._binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+                    self._binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
                 self._cache[f"{kind}.{i}"] = buf
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, arch.vocab_size), np.float32)
         self.prefix_length = self._load_prefix()
@@ -174,6 +177,8 @@ class Model:
             raise ContextLengthError(
                 f"{total} tokens do not fit in the context length of {self.context_length}"
             )
+        if self._portable:
+            return self._forward_portable(ids, self.prefix_length + past_length, all_logits)
         b = self._binding
         b.bind_cpu_input("input_ids", np.asarray(ids, dtype=np.int64)[None, :])
         b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
@@ -185,6 +190,31 @@ class Model:
         b.bind_ortvalue_output("logits", logits)
         self.session.run_with_iobinding(b)
         return logits.numpy()[0].copy()  # numpy() may view the bound buffer, which the next run overwrites
+
+    def _forward_portable(self, ids: Sequence[int], past: int, all_logits: bool) -> np.ndarray:
+        """forward() for the portable graph: feed cache positions [0, past) as past_key_values,
+        copy the returned present (past + len(ids) positions) back into the same buffers.
+
+        The cache is the same (1, kv_heads, context_length, head_size) buffers as the fused
+        path, so a baked-in prefix and prefill's reuse of cached tokens work unchanged.
+        """
+        n = len(ids)
+        feeds = {
+            "input_ids": np.asarray(ids, dtype=np.int64)[None, :],
+            "position_ids": np.arange(past, past + n, dtype=np.int64)[None, :],
+            "num_logits_to_keep": np.array([n if all_logits else 1], dtype=np.int64),
+        }
+        for name, buf in self._cache.items():
+            kind, i = name.split(".")
+            feeds[f"past_key_values.{i}.{kind}"] = buf[:, :, :past]
+        names = [o.name for o in self.session.get_outputs()]
+        for name, value in zip(names, self.session.run(names, feeds)):
+            if name == "logits":
+                logits = value
+            else:  # present.{i}.{kind}: (1, kv_heads, past + n, head_size)
+                _, i, kind = name.split(".")
+                self._cache[f"{kind}.{i}"][:, :, : past + n] = value
+        return logits[0]
 
     def prefill(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
         """Bring the cache to hold exactly `ids`, reusing the longest cached prefix.

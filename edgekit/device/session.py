@@ -11,17 +11,17 @@ log = logging.getLogger("edgekit")
 
 
 def choose_provider(preferred: list[str]) -> str:
-    """The first of `preferred` that the installed onnxruntime offers, else CPU (with a warning)."""
+    """The first of `preferred` that the installed onnxruntime offers, else CPU.
+
+    Warns when that is not the bundle's first choice (e.g. a Jetson bundle on an
+    onnxruntime without CUDA runs on its CPU, much slower than it should).
+    """
     available = ort.get_available_providers()
-    for name in preferred:
-        if name in available:
-            return name
-    if preferred:
-        log.warning(
-            "none of the bundle's execution providers %s is in this onnxruntime (%s); falling back to CPU",
-            preferred, available,
-        )
-    return "CPUExecutionProvider"
+    chosen = next((name for name in preferred if name in available), "CPUExecutionProvider")
+    if preferred and chosen != preferred[0]:
+        log.warning("the bundle's first execution provider %s is not in this onnxruntime (it has %s); using %s",
+                    preferred[0], ", ".join(available), chosen)
+    return chosen
 
 
 def create_session(
@@ -29,9 +29,17 @@ def create_session(
     preferred_providers: list[str] | None = None,
     threads: int | None = None,
     config: dict[str, str] | None = None,
+    profile_prefix: str | Path | None = None,
 ) -> tuple[ort.InferenceSession, str]:
-    """Open `model_path` on the first usable provider. Returns the session and the provider's name."""
+    """Open `model_path` on the first usable provider. Returns the session and the provider's name.
+
+    With `profile_prefix`, onnxruntime's profiler records every run; `session.end_profiling()`
+    then writes `{profile_prefix}_<date>.json` and returns its path (see device/op_profile.py).
+    """
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads

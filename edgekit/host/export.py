@@ -18,13 +18,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 import edgekit
 from edgekit.device.bundle import MANIFEST, Manifest, write_manifest
 from edgekit.host import chat_format
+from edgekit.host.adapters import apply_adapters
 from edgekit.host.graph import OPSET, build_decoder
+from edgekit.host.graph_portable import build_portable
 from edgekit.host.load import ExportError, LoadedModel, architecture, fp32_weights, load, rotary_tables, sliding_window
+from edgekit.host.target_fit import check_target_fit, graph_manifest, resolve_target, set_accuracy_level
 
 # The device profile used until targets/ profiles are chosen explicitly.
 DEFAULT_TARGET = {"name": "x86-avx2", "arch": "x86_64", "execution_providers": ["CPUExecutionProvider"]}
@@ -34,12 +38,15 @@ DEFAULT_MAX_NEW_TOKENS = 256
 @dataclass
 class ExportOptions:
     context_length: int | None = None  # KV cache length; default min(2048, the model's maximum)
-    target: dict = field(default_factory=lambda: dict(DEFAULT_TARGET))
+    # a targets/ profile name (its defaults fill the fields left None; device/targets.py) or a resolved dict
+    target: dict | str = field(default_factory=lambda: dict(DEFAULT_TARGET))
     adapters: list[str] = field(default_factory=list)  # "[name=]path[:weight]" specs (host/adapters.py)
     # quantization (host/quant/); None means the method's or the target's default
     quant: str | None = None  # none | rtn | gptq | awq | smoothquant
     bits: int | None = None
     group_size: int | None = None
+    sym: bool = False  # symmetric weight grids (no zero points); asymmetric is more accurate at 4 bits
+    fit_context: bool = False  # shrink context_length to fit the target's memory instead of refusing
     calib: str | None = None  # a .txt or .jsonl file; None: the built-in default text
     calib_samples: int | None = None
     calib_seq_len: int | None = None
@@ -52,31 +59,51 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
 
     Returns the bundle's path. Raises ExportError for unusable input; `out` is then untouched.
     """
-    options = options or ExportOptions()
+    options = resolve_target(options or ExportOptions())
     say = progress or _stderr
     out = Path(out)
     _check_out(out)
+    if options.quant not in (None, "none"):
+        from edgekit.host.quant import resolve as check_quant_options
+
+        check_quant_options(options)  # unsupported bits or group size fail before the model loads
 
     t = time.perf_counter()
     say(f"[1/3] loading {source}")
     loaded = load(source)
     say(f"      {loaded.model.config.model_type}, {sum(p.numel() for p in loaded.model.parameters()) / 1e6:.1f}M "
         f"parameters ({time.perf_counter() - t:.1f}s)")
+    # adapters merge into the fp32 weights here, so calibration and quantization see the adapted model
+    adapter_records, prefix = apply_adapters(loaded, options.adapters, say)
 
     t = time.perf_counter()
-    say("[2/3] building the fused ONNX graph")
+    flavour = options.target.get("graph_flavour", "fused")
+    say(f"[2/3] building the {flavour} ONNX graph")
     arch = architecture(loaded.model, options.context_length)
-    model_proto = build_decoder(arch, fp32_weights(loaded.model, arch.tie_word_embeddings),
+    weights = fp32_weights(loaded.model, arch.tie_word_embeddings)
+    quant_record = None
+    if options.quant not in (None, "none"):
+        from edgekit.host.quant import quantize  # imported only when asked for
+
+        tq = time.perf_counter()
+        say(f"      quantizing: {options.quant}")
+        weights, quant_record = quantize(loaded, arch, weights, options, say)
+        say(f"      quantized ({time.perf_counter() - tq:.1f}s)")
+    model_proto = (build_portable if flavour == "portable" else build_decoder)(arch, weights,
                                 *rotary_tables(loaded.model, arch.context_length),
                                 sliding_window=sliding_window(loaded.model, arch.context_length))
+    if "matmulnbits_accuracy_level" in options.target:  # the compute type that suits the target's ISA
+        set_accuracy_level(model_proto, options.target["matmulnbits_accuracy_level"])
     say(f"      {len(model_proto.graph.node)} nodes, context length {arch.context_length} "
         f"({time.perf_counter() - t:.1f}s)")
+    check_target_fit(model_proto, arch, options, say)  # operators and memory on the device (device/check.py)
 
     t = time.perf_counter()
     say(f"[3/3] writing the bundle to {out}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        write_bundle(tmp, loaded, arch, model_proto, options)
+        write_bundle(tmp, loaded, arch, model_proto, options, quantization=quant_record,
+                     adapters=adapter_records, prefix=prefix)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -88,7 +115,10 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
 
 
 def write_bundle(folder: Path, loaded: LoadedModel, arch, model_proto: onnx.ModelProto,
-                 options: ExportOptions, quantization: dict | None = None, adapters: list | None = None) -> None:
+                 options: ExportOptions, quantization: dict | None = None, adapters: list | None = None,
+                 prefix: np.ndarray | None = None) -> None:
+    """Write the bundle's files and manifest into `folder`; `prefix` (layers, 2, kv_heads, P, head_size)
+    is a prefix-tuning adapter's keys and values, saved as prefix_kv.npz for the runtime's cache."""
     onnx.save_model(model_proto, folder / "model.onnx", save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
     tok = loaded.tokenizer
@@ -107,15 +137,30 @@ def write_bundle(folder: Path, loaded: LoadedModel, arch, model_proto: onnx.Mode
             "kv_layout": "BNSH",
             "past_present_share_buffer": True,
             "inputs": [i.name for i in model_proto.graph.input][:4],
+            **graph_manifest(model_proto, options.target.get("graph_flavour", "fused")),
         },
         generation=generation_defaults(loaded),
         chat=chat,
         source={"spec": loaded.source.spec, "gguf_file": loaded.source.gguf_file,
                 "name_or_path": getattr(loaded.model.config, "_name_or_path", "")},
         adapters=adapters or [],
+        prefix=_write_prefix(folder, arch, prefix),
         edgekit_version=edgekit.__version__,
     )
     write_manifest(folder, manifest)
+
+
+def _write_prefix(folder: Path, arch, prefix: np.ndarray | None) -> dict | None:
+    if prefix is None:
+        return None
+    layers, two, kv_heads, length, head_size = prefix.shape  # (layers, 2, kv_heads, P, head_size)
+    assert (layers, two, kv_heads, head_size) == (arch.num_layers, 2, arch.num_kv_heads, arch.head_size)
+    if length >= arch.context_length:
+        raise ExportError(f"the prefix-tuning adapter's {length} virtual tokens leave no room in context length "
+                          f"{arch.context_length}; export with a larger --context-length")
+    np.savez(folder / "prefix_kv.npz", **{f"{kind}.{i}": prefix[i, k] for i in range(layers)
+                                          for k, kind in enumerate(("key", "value"))})
+    return {"file": "prefix_kv.npz", "length": int(length)}
 
 
 def generation_defaults(loaded: LoadedModel) -> dict:

@@ -87,7 +87,7 @@ def build_decoder(arch: Architecture, weights: dict, cos: np.ndarray, sin: np.nd
     `cos`, `sin` are (context_length, head_size) rotary tables as the model's own
     rotary embedding computes them (so every rope scaling variant comes out right).
     """
-    L, H, nh, nkv, hd = arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_size
+    L, nh, nkv, hd = arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_size
     assert nh % nkv == 0, "num_heads must be a multiple of num_kv_heads"
     assert hd % 16 == 0, "GroupQueryAttention's rotary needs head_size to be a multiple of 16"
     assert cos.shape == (arch.context_length, hd), f"rotary table {cos.shape} != ({arch.context_length}, {hd})"
@@ -101,6 +101,8 @@ def build_decoder(arch: Architecture, weights: dict, cos: np.ndarray, sin: np.nd
     # embeddings: (B, S) -> (B, S, H)
     embed = g.const("model.embed_tokens.weight", w("model.embed_tokens.weight"))
     (h,) = g.op("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")
+    if w("model.embed_tokens.weight").dtype == np.float16:  # quantized bundles store it in fp16 (host/quant)
+        (h,) = g.op("Cast", [h], "/model/embed_tokens/Cast", to=TensorProto.FLOAT)
 
     residual, x_in = h, None
     for i in range(L):

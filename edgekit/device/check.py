@@ -1,0 +1,239 @@
+"""Will a bundle run on a device, and in how much memory?
+
+Two checks, both usable on the host at export time and on the device (`edgekit check`),
+with nothing but the standard library and onnxruntime:
+
+- operators: every operator of the graph (recorded in the manifest at export) against
+  the kernels of the target's execution providers, in preference order. An operator the
+  first provider lacks falls back to the next (onnxruntime assigns it there: slower,
+  with copies between devices); one that no provider implements makes the session fail.
+- memory: peak resident memory estimated from the weights, the KV cache at the context
+  length, activations of a full-context prompt, and the runtime itself; compared with
+  the target's RAM minus what its OS keeps.
+
+Sources of the operator tables:
+- CPUExecutionProvider: the installed onnxruntime's own kernel registry
+  (onnxruntime.capi._pybind_state.get_all_opkernel_def), the same table as
+  onnxruntime's docs/OperatorKernels.md for the installed version.
+- CUDAExecutionProvider: maintained below from onnxruntime's docs/OperatorKernels.md,
+  CUDA section (onnxruntime 1.20+), for the operators edgekit's graphs use.
+- TensorrtExecutionProvider: maintained below from onnx-tensorrt's docs/operators.md
+  (TensorRT 10.x) and NVIDIA's "Explicit Quantization" guide (INT4 weight-only blocked
+  DequantizeLinear), for the operators edgekit's graphs use. onnxruntime hands any node
+  TensorRT cannot take to the next provider.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from edgekit.device.bundle import Architecture
+
+log = logging.getLogger("edgekit")
+
+# operators of the default domain are checked at the graph's opset; com.microsoft at 1
+OPSETS = {"ai.onnx": 21, "com.microsoft": 1}
+
+# Maintained tables: "domain::Op" -> None (float32 supported) or a reason it is not usable
+# for edgekit's float32 graphs. Operators absent from a table are not implemented there.
+_STANDARD_OPS = [
+    "Add", "And", "Cast", "Concat", "DequantizeLinear", "Div", "Gather", "Gemm", "Greater", "Identity",
+    "LessOrEqual", "MatMul", "Mul", "Neg", "Range", "ReduceMean", "Reshape", "Shape", "Sigmoid", "Slice",
+    "Softmax", "Split", "Sqrt", "Sub", "Transpose", "Unsqueeze", "Where",
+]
+CUDA_OPS: dict[str, str | None] = {f"ai.onnx::{op}": None for op in _STANDARD_OPS}
+CUDA_OPS.update({
+    # contrib kernels registered in the default domain / com.microsoft by the CUDA EP
+    "ai.onnx::SimplifiedLayerNormalization": None,
+    "com.microsoft::SkipSimplifiedLayerNormalization": None,
+    "com.microsoft::MatMulNBits": None,
+    # the CUDA kernel is registered for float16 and bfloat16 only: a float32 graph's
+    # attention runs on the CPU
+    "com.microsoft::GroupQueryAttention": "CUDA kernel is float16/bfloat16 only, the graph is float32",
+    # com.microsoft::DynamicQuantizeMatMul: CPU only (absent)
+})
+TENSORRT_OPS: dict[str, str | None] = {f"ai.onnx::{op}": None for op in _STANDARD_OPS}
+# TensorRT has no onnxruntime contrib operators (SimplifiedLayerNormalization, GroupQueryAttention,
+# MatMulNBits, ...): they are absent, so they fall back to CUDA or CPU.
+MAINTAINED = {"CUDAExecutionProvider": CUDA_OPS, "TensorrtExecutionProvider": TENSORRT_OPS}
+SOURCES = {
+    "CPUExecutionProvider": "the installed onnxruntime's kernel registry",
+    "CUDAExecutionProvider": "onnxruntime docs/OperatorKernels.md (CUDA), maintained in edgekit/device/check.py",
+    "TensorrtExecutionProvider": "onnx-tensorrt docs/operators.md (TensorRT 10), maintained in edgekit/device/check.py",
+}
+
+
+def cpu_kernels() -> dict[str, list[tuple[int, int]]]:
+    """"domain::Op" -> opset version ranges the installed onnxruntime's CPU provider implements."""
+    import onnxruntime.capi._pybind_state as C
+
+    table: dict[str, list[tuple[int, int]]] = {}
+    for k in C.get_all_opkernel_def():
+        if k.provider == "CPUExecutionProvider":
+            table.setdefault(f"{k.domain or 'ai.onnx'}::{k.op_name}", []).append(tuple(k.version_range))
+    return table
+
+
+def implements(provider: str, op: str, cpu: dict | None = None) -> tuple[bool, str]:
+    """Whether `provider` runs `op` ("domain::Op") in a float32 graph, and if not, why."""
+    if provider == "CPUExecutionProvider":
+        cpu = cpu if cpu is not None else cpu_kernels()
+        version = OPSETS.get(op.split("::")[0], 1)
+        ranges = cpu.get(op, [])
+        if any(lo <= version <= hi for lo, hi in ranges):
+            return True, ""
+        return False, "no CPU kernel" if not ranges else f"no CPU kernel for opset {version}"
+    table = MAINTAINED.get(provider)
+    if table is None:
+        return False, f"edgekit has no operator table for {provider}"
+    if op not in table:
+        return False, f"not implemented by {provider}"
+    reason = table[op]
+    return reason is None, reason or ""
+
+
+@dataclass
+class OperatorReport:
+    """Where each operator of a graph would run on a target."""
+
+    providers: list[str]
+    placement: dict[str, str] = field(default_factory=dict)  # op -> the provider that takes it
+    fallbacks: dict[str, str] = field(default_factory=dict)  # op -> why the first provider does not
+    unsupported: dict[str, str] = field(default_factory=dict)  # op -> why no provider does
+
+    def summary(self) -> str:
+        first = self.providers[0]
+        if self.unsupported:
+            return (f"{len(self.unsupported)} operator(s) no execution provider implements: "
+                    + ", ".join(f"{op} ({why})" for op, why in sorted(self.unsupported.items())))
+        if self.fallbacks:
+            return f"{len(self.fallbacks)} operator(s) fall back from {first}"
+        return f"all {len(self.placement)} operators run on {first}"
+
+    def lines(self) -> list[str]:
+        out = [f"operators: {self.summary()}"]
+        for op, why in sorted(self.fallbacks.items()):
+            out.append(f"  warning: {op} falls back to {self.placement[op]} ({why})")
+        return out
+
+
+def check_operators(operators: list[str], providers: list[str]) -> OperatorReport:
+    """Place every operator on the first of `providers` implementing it (onnxruntime's rule)."""
+    report = OperatorReport(list(providers))
+    cpu = cpu_kernels() if "CPUExecutionProvider" in providers else None
+    for op in operators:
+        reasons = []
+        for p in providers:
+            ok, why = implements(p, op, cpu)
+            if ok:
+                report.placement[op] = p
+                if p != providers[0]:
+                    report.fallbacks[op] = "; ".join(reasons)
+                break
+            reasons.append(f"{p}: {why}")
+        else:
+            report.unsupported[op] = "; ".join(reasons)
+    return report
+
+
+# -- memory ---------------------------------------------------------------------------
+
+MB = 1 << 20
+# Measured on x86-64 with onnxruntime 1.32, Python 3.11 (docs/targets.md, tests/test_targets.py):
+RUNTIME_MB = 60.0  # python + onnxruntime + numpy + tokenizers imported, a tokenizer loaded
+# onnxruntime's pre-packed weight copies and arena slack, per byte of weights on disk: MLAS packs
+# each fp32 MatMul's B; MatMulNBits repacks its blocks, for fp32 compute (accuracy_level < 4) into a
+# much larger layout than for the int8 kernels (level 4). Measured with SmolLM2-135M bundles:
+# fp32 0.30, int4 level 4 0.31 (fused) / 0.42 (portable, DequantizeLinear fused by onnxruntime),
+# int4 level 1 0.71.
+WEIGHT_OVERHEAD = {"fp32": 0.30, "int8-compute": 0.35, "fp32-compute": 0.70}
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak resident memory of generating with a bundle, in MB."""
+
+    weights_mb: float
+    weight_overhead_mb: float
+    kv_cache_mb: float
+    activations_mb: float
+    runtime_mb: float
+    context_length: int
+
+    @property
+    def total_mb(self) -> float:
+        return self.weights_mb + self.weight_overhead_mb + self.kv_cache_mb + self.activations_mb + self.runtime_mb
+
+    def describe(self) -> str:
+        return (f"about {self.total_mb:.0f} MB (weights {self.weights_mb:.0f} + runtime copies "
+                f"{self.weight_overhead_mb:.0f} + KV cache {self.kv_cache_mb:.0f} at {self.context_length} tokens "
+                f"+ activations {self.activations_mb:.0f} + runtime {self.runtime_mb:.0f})")
+
+
+def estimate_memory(arch: Architecture, weight_bytes: int, flavour: str = "fused",
+                    context_length: int | None = None, prompt_tokens: int | None = None,
+                    quantized: bool = False, accuracy_level: int = 4) -> MemoryEstimate:
+    """Peak memory of a bundle whose initializers take `weight_bytes`, at `context_length`
+    (default: the bundle's) with a prompt of `prompt_tokens` (default: the whole context,
+    the worst case: Model.prefill runs the prompt in one pass).
+
+    Fused: one KV buffer pair per layer at the context length, written in place; attention
+    inside GroupQueryAttention. Portable: the cache buffers, plus the past fed to the run
+    and the present it returns (3 copies at full length), and a layer's attention scores,
+    their scaled and masked sum and the probabilities, (heads, S, T) each, materialized.
+    """
+    ctx = context_length or arch.context_length
+    s = min(prompt_tokens or ctx, ctx)
+    f32 = 4
+    kv = 2 * arch.num_layers * arch.num_kv_heads * ctx * arch.head_size * f32
+    qkv = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_size
+    # a layer's live tensors during prefill: residual, norms, qkv, attention out, three MLP intermediates;
+    # logits of the last position only (num_logits_to_keep = 1)
+    acts = s * (6 * arch.hidden_size + 3 * arch.intermediate_size + qkv) * f32 + arch.vocab_size * f32
+    if flavour == "portable":
+        kv *= 3
+        acts += 3 * arch.num_heads * s * ctx * f32  # scores, scaled + masked, probabilities
+    return MemoryEstimate(
+        weights_mb=weight_bytes / MB,
+        weight_overhead_mb=weight_bytes * WEIGHT_OVERHEAD[_weight_kind(quantized, accuracy_level)] / MB,
+        kv_cache_mb=kv / MB,
+        activations_mb=acts / MB,
+        runtime_mb=RUNTIME_MB,
+        context_length=ctx,
+    )
+
+
+def _weight_kind(quantized: bool, accuracy_level: int) -> str:
+    if not quantized:
+        return "fp32"
+    return "int8-compute" if accuracy_level >= 4 else "fp32-compute"
+
+
+def available_mb(target: dict, ram_gb: float | None = None) -> float:
+    """Memory a bundle may use on `target` (a profile's manifest dict): RAM minus what the OS keeps."""
+    ram = ram_gb if ram_gb is not None else target["ram_gb"]
+    return (ram - target.get("os_reserved_gb", 0.5)) * 1024
+
+
+def largest_context(arch: Architecture, weight_bytes: int, flavour: str, budget_mb: float,
+                    quantized: bool = False, accuracy_level: int = 4, step: int = 64) -> int | None:
+    """The largest context length (a multiple of `step`, at most the bundle's) that fits in
+    `budget_mb`, or None when even `step` tokens do not."""
+    best = None
+    ctx = step
+    while ctx <= arch.context_length:
+        if estimate_memory(arch, weight_bytes, flavour, ctx, quantized=quantized,
+                           accuracy_level=accuracy_level).total_mb <= budget_mb:
+            best = ctx
+        else:
+            break
+        ctx += step
+    return best
+
+
+def bundle_weight_bytes(folder) -> int:
+    """The bytes a bundle's graph and weights take on disk (model.onnx and its external data)."""
+    from pathlib import Path
+
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.startswith("model.onnx"))

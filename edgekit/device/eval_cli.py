@@ -1,0 +1,89 @@
+"""`edgekit eval`: measure bundles on a text with the device runtime.
+
+    edgekit eval perplexity BUNDLE --text FILE
+    edgekit eval compare B1 B2 ... --text FILE      # size on disk, perplexity, delta vs B1
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgekit.device.perplexity import DEFAULT_WINDOW, EvalTextError, perplexity, read_eval_text
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="measure bundles: perplexity on a text (device side)")
+    ev = p.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+
+    one = ev.add_parser("perplexity", help="perplexity of one bundle on a text",
+                        description="Perplexity of BUNDLE on --text, computed by the device runtime over "
+                                    "non-overlapping windows of --window tokens.")
+    one.add_argument("bundle")
+    _common(one)
+    one.set_defaults(run=_run_perplexity)
+
+    many = ev.add_parser("compare", help="size and perplexity of several bundles, against the first",
+                         description="A table of size on disk, perplexity and its change from the first "
+                                     "bundle, for each BUNDLE on the same --text.")
+    many.add_argument("bundles", nargs="+")
+    _common(many)
+    many.set_defaults(run=_run_compare)
+
+
+def _common(p) -> None:
+    p.add_argument("--text", required=True, help="a UTF-8 text file")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default {DEFAULT_WINDOW})")
+    p.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+
+
+def _measure(bundle: str, text: str, args):
+    from edgekit.cli import UserError
+    from edgekit.device import Model
+
+    try:
+        if args.window < 2:
+            raise EvalTextError("--window must be at least 2")
+        return perplexity(Model(bundle, threads=args.threads), text, args.window, args.max_tokens)
+    except EvalTextError as e:  # printed as one line by the CLI
+        raise UserError(str(e)) from None
+
+
+def _read(path: str) -> str:
+    from edgekit.cli import UserError
+
+    try:
+        return read_eval_text(path)
+    except EvalTextError as e:
+        raise UserError(str(e)) from None
+
+
+def bundle_mb(bundle: str | Path) -> float:
+    return sum(p.stat().st_size for p in Path(bundle).iterdir() if p.is_file()) / 1e6
+
+
+def _run_perplexity(args) -> int:
+    text = _read(args.text)
+    r = _measure(args.bundle, text, args)
+    print(f"perplexity {r.perplexity:.4f}  ({r.tokens} tokens scored in {r.windows} windows of {r.window}, "
+          f"{r.seconds:.1f}s)")
+    return 0
+
+
+def _run_compare(args) -> int:
+    from edgekit.device.bundle import read_manifest
+
+    text = _read(args.text)
+    rows = []
+    for b in args.bundles:
+        q = read_manifest(b, verify=False).quantization
+        method = q.get("method", "none")
+        label = method if method in ("none", "smoothquant", "w8a8") else f"{method} {q.get('bits')}b g{q.get('group_size')}"
+        rows.append((b, label, bundle_mb(b), _measure(b, text, args)))
+    first = rows[0][3].perplexity
+    width = max(len(b) for b in args.bundles)
+    print(f"{'bundle':{width}s}  {'quantization':18s} {'size MB':>9s} {'perplexity':>11s} {'delta':>8s}")
+    for b, label, mb, r in rows:
+        print(f"{b:{width}s}  {label:18s} {mb:9.1f} {r.perplexity:11.4f} {(r.perplexity / first - 1) * 100:+7.2f}%")
+    print(f"({rows[0][3].tokens} tokens, non-overlapping windows of {args.window})")
+    return 0

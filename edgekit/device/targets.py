@@ -1,0 +1,226 @@
+"""Device profiles: one JSON file per device in targets/.
+
+A profile says what a device is (CPU architecture and ISA, RAM), how to run a bundle
+there (execution providers in order of preference, threads, onnxruntime session
+entries, the MatMulNBits accuracy level that suits its ISA), and what to export for it
+(graph flavour, default quantization). JSON, not TOML, because the device reads the
+profile too (`edgekit check` on the device) and tomllib needs Python 3.11.
+
+Where profiles are found, first match wins:
+
+    $EDGEKIT_TARGETS        folders separated by os.pathsep: a user's own devices
+    <checkout>/targets/     the repository's folder (source checkouts, editable installs)
+    <sys.prefix>/share/edgekit/targets/   a pip-installed edgekit (pyproject's data-files)
+
+`--target` also takes a path to a .json file. Adding a device is adding a file; a
+malformed file raises TargetError naming the file and the field.
+
+Standard library only: the device side imports this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+FLAVOURS = ("fused", "portable")
+QUANT_METHODS = ("none", "rtn", "gptq", "awq", "smoothquant")
+KNOWN_PROVIDERS = (
+    "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
+    "XnnpackExecutionProvider", "ACLExecutionProvider", "ArmNNExecutionProvider",
+    "OpenVINOExecutionProvider", "DnnlExecutionProvider", "QNNExecutionProvider",
+)
+ARCHS = ("aarch64", "x86_64", "armv7l", "riscv64")
+
+
+class TargetError(ValueError):
+    """A device profile that is missing or malformed."""
+
+
+@dataclass
+class Target:
+    """One device profile, as validated from its JSON file."""
+
+    name: str
+    description: str
+    cpu: dict  # arch, model, cores, isa (list of feature names)
+    ram_gb: float
+    execution_providers: list[str]  # in order of preference; the runtime takes the first it has
+    graph_flavour: str  # fused | portable
+    quantization: dict  # default method, bits, group_size (and e.g. sym) when the user gives no flag
+    threads: int | None  # onnxruntime intra-op threads; None: onnxruntime's default
+    matmulnbits_accuracy_level: int  # MatMulNBits compute type: 1 fp32, 4 int8 dot products
+    session_config: dict[str, str]  # onnxruntime session config entries
+    onnxruntime_package: str  # what a device installs
+    os_reserved_gb: float = 0.5  # memory the OS and other processes keep
+    gpu: dict | None = None
+    ram_variants_gb: list[float] = field(default_factory=list)
+    notes: str = ""
+    path: str = ""  # the file it came from
+
+    @property
+    def arch(self) -> str:
+        return self.cpu["arch"]
+
+    def manifest_dict(self) -> dict:
+        """The profile as a bundle's manifest records it (edgekit.json "target")."""
+        d = asdict(self)
+        d.pop("path")
+        d["arch"] = self.arch  # flat, for readers that only want the architecture
+        return d
+
+
+# field name -> (accepted types, required)
+_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "name": ((str,), True),
+    "description": ((str,), True),
+    "cpu": ((dict,), True),
+    "ram_gb": ((int, float), True),
+    "execution_providers": ((list,), True),
+    "graph_flavour": ((str,), True),
+    "quantization": ((dict,), True),
+    "threads": ((int, type(None)), True),
+    "matmulnbits_accuracy_level": ((int,), True),
+    "session_config": ((dict,), True),
+    "onnxruntime_package": ((str,), True),
+    "os_reserved_gb": ((int, float), False),
+    "gpu": ((dict, type(None)), False),
+    "ram_variants_gb": ((list,), False),
+    "notes": ((str,), False),
+}
+
+
+def parse_target(raw: Any, source: str = "<profile>") -> Target:
+    """Validate a profile's JSON object. Raises TargetError naming `source` and the field."""
+
+    def bad(field_name: str, why: str) -> TargetError:
+        return TargetError(f"{source}: field '{field_name}' {why}")
+
+    if not isinstance(raw, dict):
+        raise TargetError(f"{source}: a profile is a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_SCHEMA))
+    if unknown:
+        raise bad(unknown[0], f"is not a profile field (fields: {', '.join(_SCHEMA)})")
+    for name, (types, required) in _SCHEMA.items():
+        if name not in raw:
+            if required:
+                raise bad(name, "is missing")
+            continue
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, types):  # bool is an int: refuse it explicitly
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise bad(name, f"must be {want}, got {json.dumps(value)}")
+
+    cpu = raw["cpu"]
+    if cpu.get("arch") not in ARCHS:
+        raise bad("cpu.arch", f"must be one of {', '.join(ARCHS)}, got {json.dumps(cpu.get('arch'))}")
+    if not isinstance(cpu.get("isa"), list) or not all(isinstance(x, str) for x in cpu["isa"]):
+        raise bad("cpu.isa", "must be a list of ISA feature names, e.g. [\"neon\", \"asimddp\"]")
+    if not isinstance(cpu.get("cores"), int) or cpu["cores"] < 1:
+        raise bad("cpu.cores", f"must be a positive integer, got {json.dumps(cpu.get('cores'))}")
+    if raw["ram_gb"] <= 0:
+        raise bad("ram_gb", f"must be positive, got {raw['ram_gb']}")
+    eps = raw["execution_providers"]
+    if not eps or not all(isinstance(e, str) for e in eps):
+        raise bad("execution_providers", "must be a non-empty list of onnxruntime provider names")
+    for e in eps:
+        if e not in KNOWN_PROVIDERS:
+            raise bad("execution_providers", f"has unknown provider {e!r} (known: {', '.join(KNOWN_PROVIDERS)})")
+    if raw["graph_flavour"] not in FLAVOURS:
+        raise bad("graph_flavour", f"must be one of {', '.join(FLAVOURS)}, got {json.dumps(raw['graph_flavour'])}")
+    q = raw["quantization"]
+    if q.get("method") not in QUANT_METHODS:
+        raise bad("quantization.method", f"must be one of {', '.join(QUANT_METHODS)}, got {json.dumps(q.get('method'))}")
+    if q["method"] != "none":
+        if q.get("bits") not in (4, 8):
+            raise bad("quantization.bits", f"must be 4 or 8, got {json.dumps(q.get('bits'))}")
+        gs = q.get("group_size")
+        if not isinstance(gs, int) or isinstance(gs, bool) or (gs and (gs < 16 or gs & (gs - 1))):
+            raise bad("quantization.group_size", f"must be 0 (per channel) or a power of two >= 16, got {json.dumps(gs)}")
+    if raw["threads"] is not None and raw["threads"] < 1:
+        raise bad("threads", f"must be a positive integer or null, got {raw['threads']}")
+    if raw["matmulnbits_accuracy_level"] not in (0, 1, 2, 3, 4):
+        raise bad("matmulnbits_accuracy_level", f"must be 0..4, got {raw['matmulnbits_accuracy_level']}")
+    for k, v in raw["session_config"].items():
+        if not isinstance(v, str):
+            raise bad(f"session_config.{k}", f"must be a string (onnxruntime config entries are strings), got {json.dumps(v)}")
+    return Target(**raw, path=source)
+
+
+def target_dirs() -> list[Path]:
+    """The folders searched for profiles, in order."""
+    dirs = [Path(p) for p in os.environ.get("EDGEKIT_TARGETS", "").split(os.pathsep) if p]
+    dirs.append(Path(__file__).resolve().parents[2] / "targets")  # the repository's top-level folder
+    dirs.append(Path(sys.prefix) / "share" / "edgekit" / "targets")  # pip install (data-files)
+    return [d for d in dirs if d.is_dir()]
+
+
+def available_targets() -> dict[str, Path]:
+    """Profile name -> file, first match in target_dirs() winning."""
+    found: dict[str, Path] = {}
+    for d in target_dirs():
+        for p in sorted(d.glob("*.json")):
+            found.setdefault(p.stem, p)
+    return found
+
+
+def load_target(spec: str | Path) -> Target:
+    """A profile by name (rpi5) or by path (./my-board.json). Raises TargetError when it
+    cannot be found or does not validate."""
+    spec = str(spec)
+    path = Path(spec)
+    if not (spec.endswith(".json") and path.is_file()):
+        known = available_targets()
+        if spec not in known:
+            where = ", ".join(str(d) for d in target_dirs()) or "no targets folder found"
+            raise TargetError(
+                f"unknown target {spec!r}; known: {', '.join(sorted(known)) or 'none'} (searched {where}); "
+                "add a profile file to targets/ or a folder in EDGEKIT_TARGETS"
+            )
+        path = known[spec]
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TargetError(f"{path}: not valid JSON ({e})") from None
+    target = parse_target(raw, str(path))
+    if target.name != path.stem:
+        raise TargetError(f"{path}: field 'name' is {target.name!r} but the file is {path.name}; make them match")
+    return target
+
+
+def load_targets(specs: str) -> list[Target]:
+    """Comma-separated names or paths -> profiles, in order, without duplicates."""
+    names = [s.strip() for s in specs.split(",") if s.strip()]
+    if not names:
+        raise TargetError("--target is empty; give a profile name such as rpi5 (see `edgekit targets`)")
+    if len(set(names)) != len(names):
+        raise TargetError(f"--target names a profile twice: {specs}")
+    return [load_target(n) for n in names]
+
+
+def apply_target_defaults(options: Any, target: Target) -> Any:
+    """`options` (a dataclass such as host.export.ExportOptions) for `target`: the target's
+    manifest dict, and its default quantization in every field the user left as None.
+
+    Explicit choices win: a field that is not None (including quant="none") is kept.
+    """
+    names = {f.name for f in fields(options)}
+    changes: dict[str, Any] = {"target": target.manifest_dict()}
+    defaults = dict(target.quantization)
+    defaults["quant"] = defaults.pop("method")
+    if getattr(options, "quant", None) is None:
+        # no method given: the target's whole default; `sym` is a plain bool (no "not given"),
+        # and only means something with the method it came with
+        for key, value in defaults.items():
+            if key in names and (getattr(options, key) is None or key == "sym"):
+                changes[key] = value
+    elif options.quant != "none" and defaults["quant"] != "none":
+        # the user chose a method: its bits and group size still default to the target's
+        for key in ("bits", "group_size"):
+            if key in names and getattr(options, key) is None and key in defaults:
+                changes[key] = defaults[key]
+    return replace(options, **changes)

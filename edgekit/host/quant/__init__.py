@@ -1,0 +1,240 @@
+"""The quantization stage of the export: fp32 weights in, integer weights out.
+
+    quantize(loaded, arch, weights, options, say) -> (weights, manifest record)
+
+Methods (each in its own file, after its paper):
+
+    rtn          round to nearest, 4 or 8 bits, per group or per channel       (rtn.py)
+    gptq         Hessian-guided error compensation, act-order, dampening        (gptq.py)
+    awq          activation-aware scales folded into the op before, clipping    (awq.py)
+    smoothquant  outliers migrated into the weights, int8 weights + activations (smoothquant.py)
+    w8a8         int8 weights + activations without smoothing (the baseline SmoothQuant beats)
+
+Weight-only methods become MatMulNBits with accuracy_level=4; W8A8 becomes
+DynamicQuantizeMatMul (nbits.py). The decoder's Linears are quantized; around them:
+
+- embedding: stored as float16 (Gather, then Cast to float32). A lookup reads one row per
+  token, so it costs no time to keep it precise, and halving it is what brings SmolLM2's
+  int4 bundle under a third of fp32 (its 49152 x 576 embedding is 21% of the weights).
+- lm_head: int8 per channel through MatMulNBits, for every method. When the model ties it
+  to the embedding, the bundle stores this separate quantized copy: a 4-bit lm_head costs
+  small models noticeably more perplexity than it saves (the logits of a 49k vocabulary
+  all go through it), and an int8 copy (28 MB for SmolLM2) is a quarter of the fp32 tie.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from edgekit.host.load import ExportError
+from edgekit.host.quant import awq as awq_
+from edgekit.host.quant import layerwise
+from edgekit.host.quant.calibration import calibration_ids
+from edgekit.host.quant.gptq import GPTQConfig, gptq, hessian, single_thread
+from edgekit.host.quant.nbits import ACCURACY_LEVEL_INT8, W8A8Weight, concat_rows, concat_w8a8, split_rows
+from edgekit.host.quant.rtn import QuantSpec, rtn
+from edgekit.host.quant.smoothquant import DEFAULT_ALPHA, smooth
+from edgekit.host.quant.w8a8 import quantize_w8a8
+
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "w8a8")
+BITS = (4, 8)
+GROUP_SIZES = (0, 32, 64, 128)  # 0 = per output channel
+DEFAULT_SAMPLES = 32
+DEFAULT_SEQ_LEN = 512
+LM_HEAD = QuantSpec(bits=8, group_size=0, sym=True)
+
+
+def resolve(options) -> dict:
+    """The method's settings with defaults filled in; ExportError for what cannot be done."""
+    method = options.quant
+    if method not in METHODS:
+        raise ExportError(f"unknown quantization method {method!r}; choose one of: none, {', '.join(METHODS)}")
+    if method in ("smoothquant", "w8a8"):
+        if options.bits not in (None, 8):
+            raise ExportError(f"{method} quantizes weights and activations to 8 bits; --bits {options.bits} "
+                              "is not supported (use gptq, awq or rtn for 4-bit weights)")
+        if options.group_size not in (None, 0):
+            raise ExportError(f"{method} uses one scale per output channel; drop --group-size "
+                              f"(int8 activations are quantized per tensor, weights per channel)")
+        bits, group_size = 8, 0
+    else:
+        bits = 4 if options.bits is None else options.bits
+        if bits not in BITS:
+            raise ExportError(f"--bits {bits} is not supported; use 4 or 8")
+        group_size = options.group_size if options.group_size is not None else (128 if bits == 4 else 0)
+        if group_size not in GROUP_SIZES:
+            raise ExportError(f"--group-size {group_size} is not supported; use 32, 64, 128, or 0 for per-channel")
+    samples = options.calib_samples or DEFAULT_SAMPLES
+    seq_len = options.calib_seq_len or DEFAULT_SEQ_LEN
+    if samples < 1 or seq_len < 16:
+        raise ExportError(f"calibration needs --calib-samples >= 1 and --calib-seq-len >= 16 (got {samples}, {seq_len})")
+    return {"method": method, "bits": bits, "group_size": group_size, "sym": bool(getattr(options, "sym", False)),
+            "samples": samples, "seq_len": seq_len}
+
+
+def check_applicable(model, method: str) -> None:
+    """Every method here works on Llama-family layers: RMSNorm -> q/k/v, RMSNorm -> gate/up -> down."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ExportError(f"{method} cannot apply to {type(model).__name__}: it has no model.layers decoder stack")
+    needed = [*layerwise.LINEARS, "input_layernorm", "post_attention_layernorm"]
+    for path in needed:
+        try:
+            layers[0].get_submodule(path)
+        except AttributeError:
+            raise ExportError(f"{method} cannot apply to {model.config.model_type}: its layers have no {path} "
+                              "(expected the Llama layout: input_layernorm, self_attn.q/k/v/o_proj, "
+                              "post_attention_layernorm, mlp.gate/up/down_proj)") from None
+
+
+def quantize(loaded, arch, weights: dict, options, say: Callable[[str], None]) -> tuple[dict, dict | None]:
+    """Quantize the decoder's Linears of `loaded.model` as `options` asks.
+
+    Returns the weights for graph.build_decoder (quantized entries are nbits objects; q/k/v
+    also packed as `...self_attn.qkv_proj.weight`) and the manifest's `quantization` record.
+    With no method, returns `weights` unchanged and None. The model's own parameters are
+    replaced (never changed in place) by their quantized values, so `weights` stays fp32.
+    """
+    if options.quant in (None, "none"):
+        return weights, None
+    cfg = resolve(options)
+    method = cfg["method"]
+    model = loaded.model
+    check_applicable(model, method)
+    spec = QuantSpec(cfg["bits"], cfg["group_size"], cfg["sym"])
+    t0 = time.perf_counter()
+    torch.manual_seed(options.seed)
+
+    calib = None
+    if method in ("gptq", "awq", "smoothquant"):
+        calib = calibration_ids(loaded.tokenizer, options.calib, cfg["samples"], cfg["seq_len"], options.seed)
+        say(f"      calibration: {cfg['samples']} x {cfg['seq_len']} tokens from {calib.source}")
+
+    layers = model.model.layers
+    out = dict(weights)
+    hidden, kwargs = (None, None) if calib is None else layerwise.first_layer_inputs(model, calib.ids)
+    gptq_config, awq_config = GPTQConfig(), awq_.AWQConfig()
+    for i, layer in enumerate(layers):
+        t = time.perf_counter()
+        feats, fp_out = (None, None) if hidden is None else layerwise.linear_inputs(layer, hidden, kwargs)
+        if method == "rtn":
+            quantized = {path: rtn(layer.get_submodule(path).weight.data, spec) for path in layerwise.LINEARS}
+        elif method == "gptq":
+            quantized = _gptq_layer(layer, feats, spec, gptq_config)
+        elif method == "awq":
+            with single_thread():  # many small ops per grid point (see gptq.single_thread): 6x faster measured
+                quantized = _awq_layer(layer, feats, kwargs, spec, awq_config)
+        elif method == "smoothquant":
+            _smooth_layer(layer, feats, DEFAULT_ALPHA)
+            quantized = {path: quantize_w8a8(layer.get_submodule(path).weight.data, "per_token")
+                         for path in layerwise.LINEARS}
+        else:  # w8a8 without smoothing, activations per tensor: the baseline of the SmoothQuant paper
+            quantized = {path: quantize_w8a8(layer.get_submodule(path).weight.data, "per_tensor")
+                         for path in layerwise.LINEARS}
+        for path, q in quantized.items():  # the layer as the device will run it
+            layer.get_submodule(path).weight.data = torch.from_numpy(q.dequantize().copy())
+        _store_layer(out, f"model.layers.{i}", layer, quantized)
+        if hidden is not None:
+            del feats
+            # GPTQ: the next layer sees this one quantized; AWQ and SmoothQuant: the fp32 outputs
+            hidden = layerwise.run_layer(layer, hidden, kwargs) if method == "gptq" else fp_out
+        say(f"      layer {i + 1}/{len(layers)} {method} ({time.perf_counter() - t:.1f}s)")
+
+    _store_embeddings(out, weights)
+    record = {
+        "method": method,
+        "weights": f"int{cfg['bits']}",
+        "bits": cfg["bits"],
+        "group_size": cfg["group_size"],
+        "symmetric": True if method in ("smoothquant", "w8a8") else cfg["sym"],
+        "operator": {"smoothquant": "MatMulInteger", "w8a8": "DynamicQuantizeMatMul"}.get(method, "MatMulNBits"),
+        "accuracy_level": None if method in ("smoothquant", "w8a8") else ACCURACY_LEVEL_INT8,
+        "activations": {"smoothquant": "int8, dynamic per token", "w8a8": "uint8, dynamic per tensor"}.get(
+            method, "float32"),
+        "calibration": None if calib is None else calib.record(),
+        "embedding": "float16 Gather + Cast",
+        "lm_head": "int8 per-channel MatMulNBits (accuracy_level 4)"
+                   + (", a quantized copy of the tied embedding" if arch.tie_word_embeddings else ""),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if method == "gptq":
+        record.update(percdamp=gptq_config.percdamp, act_order=gptq_config.act_order,
+                      lazy_block=gptq_config.block_size)
+    elif method == "awq":
+        record.update(n_grid=awq_config.n_grid, search_tokens=awq_config.search_tokens, clip=awq_config.clip)
+    elif method == "smoothquant":
+        record.update(alpha=DEFAULT_ALPHA, smoothed="input_layernorm->qkv, post_attention_layernorm->gate/up, "
+                                                    "up_proj->down_proj")
+    return out, record
+
+
+def _gptq_layer(layer, feats: dict, spec: QuantSpec, config: GPTQConfig) -> dict:
+    """GPTQ treats rows independently given the Hessian of their input, so the Linears that
+    share an input (q/k/v, gate/up) run as one stacked weight: one column loop instead of three."""
+    quantized = {}
+    for key in layerwise.INPUT_OF:
+        paths = [p for p, k in layerwise.LINEARS.items() if k == key]
+        ws = [layer.get_submodule(p).weight.data for p in paths]
+        q = gptq(torch.cat(ws), hessian(feats[key]), spec, config)
+        quantized.update(zip(paths, split_rows(q, [w.shape[0] for w in ws])))
+    return quantized
+
+
+def _awq_layer(layer, feats: dict, kwargs: dict, spec: QuantSpec, config) -> dict:
+    """Scale search and apply, then clip search, then RTN of the scaled, clipped weights."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = [awq_.ScaleGroup(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], feats["attn_in"],
+                              layerwise.attention_block(layer, kwargs))]
+    if attn.v_proj.weight.shape == attn.o_proj.weight.shape:  # no GQA: v's rows are o's input channels
+        groups.append(awq_.ScaleGroup(attn.v_proj, [attn.o_proj], feats["o_in"], attn.o_proj))
+    groups.append(awq_.ScaleGroup(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], feats["mlp_in"], mlp))
+    groups.append(awq_.ScaleGroup(mlp.up_proj, [mlp.down_proj], feats["down_in"], mlp.down_proj))
+    inputs = {}
+    for group in groups:
+        awq_.apply_scale(group, awq_.search_scale(group, spec, config))
+        for fc in group.linears:
+            inputs[fc] = group.x
+    inputs.setdefault(attn.o_proj, feats["o_in"])
+    quantized = {}
+    for path in layerwise.LINEARS:
+        fc = layer.get_submodule(path)
+        w = fc.weight.data
+        if config.clip and path not in ("self_attn.q_proj", "self_attn.k_proj"):
+            x = inputs[fc]
+            w = awq_.search_clip(w, x.reshape(-1, x.shape[-1]), spec, config)
+        quantized[path] = rtn(w, spec)
+    return quantized
+
+
+def _smooth_layer(layer, feats: dict, alpha: float) -> None:
+    attn, mlp = layer.self_attn, layer.mlp
+
+    def act_max(x: torch.Tensor) -> torch.Tensor:
+        return x.abs().reshape(-1, x.shape[-1]).amax(0)
+
+    smooth(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], act_max(feats["attn_in"]), alpha)
+    smooth(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], act_max(feats["mlp_in"]), alpha)
+    smooth(mlp.up_proj, [mlp.down_proj], act_max(feats["down_in"]), alpha)
+
+
+def _store_layer(out: dict, p: str, layer, quantized: dict) -> None:
+    """The layer's entries for the graph: quantized Linears, q/k/v packed, and the (possibly
+    rescaled) norms and biases as fresh fp32 copies."""
+    for path, q in quantized.items():
+        out[f"{p}.{path}.weight"] = q
+    qkv = [quantized[f"self_attn.{k}_proj"] for k in "qkv"]
+    out[f"{p}.self_attn.qkv_proj.weight"] = concat_w8a8(qkv) if isinstance(qkv[0], W8A8Weight) else concat_rows(qkv)
+    for name, param in layer.named_parameters():
+        if name.endswith("norm.weight") or name.endswith(".bias"):
+            out[f"{p}.{name}"] = param.detach().numpy().copy()
+
+
+def _store_embeddings(out: dict, weights: dict) -> None:
+    embed = weights["model.embed_tokens.weight"]
+    head = weights.get("lm_head.weight", embed)  # absent when tied
+    out["lm_head.weight"] = rtn(torch.from_numpy(np.asarray(head)), LM_HEAD)
+    out["model.embed_tokens.weight"] = np.asarray(embed).astype(np.float16)

@@ -1,0 +1,114 @@
+"""AWQ (Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression
+and Acceleration"), following the paper and its reference code (llm-awq auto_scale.py,
+auto_clip.py).
+
+1. Scale search. The input channels that carry large activations matter most; scaling
+   them up by s before rounding (and the activation down by 1/s) shrinks their relative
+   rounding error. For a group of Linears that share an input x:
+
+       s = mean|x|^ratio (normalised so that sqrt(max s * min s) = 1),  ratio on a grid in [0, 1)
+
+   each ratio is scored by the MSE between the block's output in fp32 and with the
+   weights W * s rounded (then / s), and the best s is applied exactly: W <- W * s and the
+   op before them <- op / s (an RMSNorm's weight, or the rows of the Linear before):
+
+       input_layernorm          ──► q_proj, k_proj, v_proj   (block scored: self_attn)
+       v_proj                   ──► o_proj                   (only when v_proj's output is o_proj's input: no GQA)
+       post_attention_layernorm ──► gate_proj, up_proj       (block scored: mlp)
+       up_proj                  ──► down_proj
+
+2. Clip search. Per group of weights, the clipping range max|w| * (1 - i/n_grid) for
+   i < max_shrink * n_grid that minimises the group's output error on sampled tokens.
+   q_proj and k_proj are not clipped (their errors compound in q k^T; as the reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from edgekit.host.quant.rtn import QuantSpec, fake_quant, group_len, grouped, params, quantize_dequantize
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    n_grid: int = 20
+    search_tokens: int = 1024  # calibration tokens each candidate scale is scored on (CPU time)
+    clip: bool = True
+    clip_tokens: int = 512  # tokens sampled for the clip search
+    max_shrink: float = 0.5
+
+
+@dataclass
+class ScaleGroup:
+    prev: torch.nn.Module  # RMSNorm or Linear whose output feeds `linears`
+    linears: list[torch.nn.Linear]
+    x: torch.Tensor  # their input (N, L, K)
+    block: Callable[[torch.Tensor], torch.Tensor]  # what the loss is measured on
+
+
+@torch.no_grad()
+def search_scale(group: ScaleGroup, spec: QuantSpec, config: AWQConfig) -> torch.Tensor:
+    """The per-input-channel scale s (K,) of a group that minimises its block's output MSE."""
+    n, seq_len, k = group.x.shape
+    x = group.x[: max(1, config.search_tokens // seq_len)]  # (S, L, K) samples to score on
+    want = group.block(x)
+    x_max = group.x.abs().reshape(-1, k).mean(0)  # (K,) mean |activation| per channel, all tokens
+    originals = [fc.weight.data for fc in group.linears]
+    best_loss, best_s = float("inf"), torch.ones(k)
+    try:
+        for r in range(config.n_grid):
+            s = x_max.pow(r / config.n_grid).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            for fc, w in zip(group.linears, originals):
+                fc.weight.data = quantize_dequantize(w * s, spec) / s
+            loss = (want - group.block(x)).float().pow(2).mean().item()
+            if loss < best_loss:
+                best_loss, best_s = loss, s
+    finally:
+        for fc, w in zip(group.linears, originals):
+            fc.weight.data = w
+    return best_s
+
+
+@torch.no_grad()
+def apply_scale(group: ScaleGroup, s: torch.Tensor) -> None:
+    """prev <- prev / s, linears <- W * s; the block computes exactly what it did."""
+    prev = group.prev
+    if isinstance(prev, torch.nn.Linear):  # its output rows are the next op's input channels
+        prev.weight.data = prev.weight.data / s[:, None]
+        if prev.bias is not None:
+            prev.bias.data = prev.bias.data / s
+    else:  # RMSNorm: y = x / rms(x) * weight
+        prev.weight.data = prev.weight.data / s
+    for fc in group.linears:
+        fc.weight.data = fc.weight.data * s
+    group.x = group.x / s
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, config: AWQConfig,
+                rows_per_batch: int = 256) -> torch.Tensor:
+    """`w` (N, K) with each group clipped to the range that minimises its output error on `x` (T, K)."""
+    n, k = w.shape
+    gl = group_len(spec, k)
+    step = max(1, x.shape[0] // config.clip_tokens)
+    xg = grouped(x[::step][: config.clip_tokens].float(), gl)  # (T, G, gl)
+    out = []
+    for r0 in range(0, n, rows_per_batch):
+        wg = grouped(w[r0:r0 + rows_per_batch].float(), gl)  # (n, G, gl)
+        want = torch.einsum("tgl,ngl->ntg", xg, wg)
+        org_max = wg.abs().amax(-1, keepdim=True)  # (n, G, 1)
+        best_max, best_err = org_max.clone(), torch.full(org_max.shape, float("inf"))
+        for i in range(int(config.max_shrink * config.n_grid)):
+            max_val = org_max * (1 - i / config.n_grid)
+            clipped = torch.clamp(wg, -max_val, max_val)
+            q = fake_quant(clipped, *params(clipped, spec), spec)
+            err = (torch.einsum("tgl,ngl->ntg", xg, q) - want).pow(2).mean(1)[..., None]  # (n, G, 1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better, max_val, best_max)
+        out.append(torch.clamp(wg, -best_max, best_max).reshape(wg.shape[0], -1)[:, :k])
+    return torch.cat(out)

@@ -1,0 +1,86 @@
+"""Calibration data: N samples of L tokens, drawn reproducibly from a text.
+
+The text is `--calib` (a .txt file, or a .jsonl with one {"text": ...} per line), or by
+default the English prose that ships inside every CPython: the documentation topics of
+`pydoc_data.topics` (the text of `help("if")`, `help("with")`, ...; about 110k SmolLM2
+tokens). It is offline on every installation, English, and not the evaluation text.
+
+The tokenized text is cut into consecutive L-token windows and N of them are drawn
+without replacement with numpy's generator seeded by `seed`, so the same seed draws the
+same samples on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgekit.host.load import ExportError
+
+DEFAULT_SOURCE = "pydoc_data.topics (CPython's bundled documentation)"
+
+
+@dataclass
+class Calibration:
+    ids: torch.Tensor  # int64 (N, L)
+    source: str
+    sha256: str  # of the text the samples were drawn from
+    seed: int
+
+    def record(self) -> dict:
+        n, seq_len = self.ids.shape
+        return {"source": self.source, "sha256": self.sha256, "samples": n, "seq_len": seq_len, "seed": self.seed}
+
+
+def default_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a .txt file, or the texts of a .jsonl file joined by blank lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"--calib {path}: no such file")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix != ".jsonl":
+        return raw
+    texts = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ExportError(f"--calib {path}: line {n} is not JSON ({e.msg}); expected {{\"text\": ...}} per line") from None
+        text = item.get("text") if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            raise ExportError(f"--calib {path}: line {n} has no \"text\" string; expected {{\"text\": ...}} per line")
+        texts.append(text)
+    return "\n\n".join(texts)
+
+
+def calibration_ids(tokenizer, calib: str | Path | None, samples: int, seq_len: int, seed: int) -> Calibration:
+    """N = `samples` windows of L = `seq_len` tokens from `calib` (or the default text)."""
+    if samples < 1 or seq_len < 2:
+        raise ExportError(f"calibration needs at least 1 sample of 2 tokens (got {samples} x {seq_len})")
+    text = default_text() if calib is None else read_text(calib)
+    source = DEFAULT_SOURCE if calib is None else str(calib)
+    # the fast tokenizer's backend directly: no special tokens, and no warning about the length
+    ids = np.asarray(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    windows = len(ids) // seq_len
+    if windows < samples:
+        raise ExportError(
+            f"calibration text {source} has {len(ids)} tokens, too short for {samples} samples x {seq_len} tokens; "
+            f"give a longer --calib, or fewer --calib-samples or a shorter --calib-seq-len "
+            f"(at most {windows} samples of {seq_len})")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(windows, size=samples, replace=False))
+    batch = ids[: windows * seq_len].reshape(windows, seq_len)[chosen]  # (N, L)
+    return Calibration(torch.from_numpy(batch.copy()), source, hashlib.sha256(text.encode()).hexdigest(), seed)

@@ -1,0 +1,143 @@
+"""Quantized export on tiny random models: every method yields a bundle that runs on
+onnxruntime's integer kernels and stays close to the fp32 bundle.
+
+Tolerances, on the logits of a 12-token prompt, relative to max |fp32 logit|:
+4-bit weights 0.25 (random weights have no structure for the methods to exploit, so
+this only checks the bundle is the same model, not how good the method is), 8-bit 0.05.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgekit.device import Model
+from edgekit.host import ExportOptions, export
+from edgekit.host.load import ExportError, load
+from edgekit.host.quant import layerwise
+from edgekit.host.quant.calibration import calibration_ids
+from edgekit.host.quant.gptq import gptq, hessian
+from edgekit.host.quant.rtn import QuantSpec, rtn
+
+PROMPT = "The robot arm lifted the red cube and placed it on the shelf"
+CALIB = dict(calib_samples=4, calib_seq_len=64)  # the default text (CPython's docs), small for speed
+
+CASES = {  # name -> (ExportOptions fields, relative tolerance, operator)
+    "rtn4-g32-asym": (dict(quant="rtn", bits=4, group_size=32), 0.25, "MatMulNBits"),
+    "rtn4-g64-sym": (dict(quant="rtn", bits=4, group_size=64, sym=True), 0.25, "MatMulNBits"),
+    "gptq4-g32": (dict(quant="gptq", bits=4, group_size=32, **CALIB), 0.25, "MatMulNBits"),
+    "awq4-g32": (dict(quant="awq", bits=4, group_size=32, **CALIB), 0.25, "MatMulNBits"),
+    "rtn8-per-channel": (dict(quant="rtn", bits=8), 0.05, "MatMulNBits"),
+    "gptq8-g128": (dict(quant="gptq", bits=8, group_size=128, **CALIB), 0.05, "MatMulNBits"),
+    "smoothquant": (dict(quant="smoothquant", **CALIB), 0.05, "MatMulInteger"),
+    "w8a8": (dict(quant="w8a8"), 0.05, "DynamicQuantizeMatMul"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(make_tiny, tmp_path_factory):
+    """A tiny tied-embedding Llama, its fp32 bundle and the fp32 logits of PROMPT."""
+    folder, _ = make_tiny("llama", tie_word_embeddings=True)
+    fp32 = export(folder, tmp_path_factory.mktemp("q") / "fp32", progress=lambda _: None)
+    model = Model(fp32)
+    ids = model.tokenizer.encode(PROMPT, add_special_tokens=False).ids
+    return folder, fp32, ids, model.forward(ids, 0, all_logits=True)
+
+
+def ops(bundle) -> list:
+    return list(onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.node)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_quantized_bundle_runs_integer_kernels_close_to_fp32(name, tiny, tmp_path):
+    folder, _, ids, want = tiny
+    fields, tol, op = CASES[name]
+    bundle = export(folder, tmp_path / name, ExportOptions(**fields), progress=lambda _: None)
+
+    got = Model(bundle).forward(ids, 0, all_logits=True)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < tol, f"{name}: max |logits - fp32| is {err:.3f} of max |fp32| (> {tol})"
+
+    nodes = ops(bundle)
+    count = {t: sum(n.op_type == t for n in nodes) for t in ("MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMul", "Gemm")}
+    # 2 layers x (qkv, o_proj, gate_proj, up_proj, down_proj), and lm_head always int8 MatMulNBits
+    assert count[op] == 10 + (op == "MatMulNBits")
+    assert count["MatMulNBits"] >= 1 and count["MatMul"] == count["Gemm"] == 0, f"a Linear was left in fp32: {count}"
+    assert all(a.i == 4 for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level")
+    record = json.loads((bundle / "edgekit.json").read_text())["quantization"]
+    assert record["method"] == fields["quant"] and record["operator"] == op
+    assert record["lm_head"].startswith("int8 per-channel MatMulNBits")
+
+
+def test_gptq_reconstructs_a_layer_better_than_rtn(make_tiny):
+    """||X W^T - X W_hat^T|| on the calibration inputs of each Linear of layer 0."""
+    folder, _ = make_tiny("llama", seed=3)
+    loaded = load(folder)
+    calib = calibration_ids(loaded.tokenizer, None, 8, 64, seed=0)
+    hidden, kwargs = layerwise.first_layer_inputs(loaded.model, calib.ids)
+    layer = loaded.model.model.layers[0]
+    feats, _ = layerwise.linear_inputs(layer, hidden, kwargs)
+    spec = QuantSpec(4, 32, sym=False)
+    for path, key in layerwise.LINEARS.items():
+        w = layer.get_submodule(path).weight.data
+        x = feats[key].reshape(-1, w.shape[1])
+
+        def error(q):
+            return torch.linalg.norm(x @ w.T - x @ torch.from_numpy(q.dequantize()).T).item()
+
+        e_rtn, e_gptq = error(rtn(w, spec)), error(gptq(w, hessian(x), spec))
+        assert e_gptq < 0.9 * e_rtn, f"{path}: GPTQ error {e_gptq:.4f} not below RTN's {e_rtn:.4f}"
+
+
+def test_same_seed_same_bundle_bytes(tiny, tmp_path):
+    folder = tiny[0]
+
+    def files(out, seed):
+        options = ExportOptions(quant="gptq", bits=4, group_size=32, seed=seed, **CALIB)
+        return json.loads((export(folder, tmp_path / out, options, progress=lambda _: None)
+                           / "edgekit.json").read_text())["files"]
+
+    a, b, c = files("a", 0), files("b", 0), files("c", 1)
+    assert a == b  # sha256 of every file, model.onnx.data included
+    assert a["model.onnx.data"] != c["model.onnx.data"]  # another seed draws other calibration samples
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(quant="rtn", bits=3), "--bits 3 is not supported; use 4 or 8"),
+    (dict(quant="gptq", bits=4, group_size=100), "--group-size 100 is not supported"),
+    (dict(quant="smoothquant", bits=4), "smoothquant quantizes weights and activations to 8 bits"),
+    (dict(quant="gptq", calib_samples=500, calib_seq_len=512), "too short for 500 samples x 512 tokens"),
+    (dict(quant="awq", calib="/nonexistent/calib.txt"), "--calib /nonexistent/calib.txt: no such file"),
+])
+def test_wrong_use_says_what_to_do(fields, message, tiny, tmp_path):
+    with pytest.raises(ExportError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        export(tiny[0], tmp_path / "out", ExportOptions(**fields), progress=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_method_that_cannot_apply_is_refused(make_tiny):
+    from edgekit.host.quant import check_applicable
+
+    folder, _ = make_tiny("llama")
+    model = load(folder).model
+    del model.model.layers[0].mlp.gate_proj  # not a Llama MLP any more
+    with pytest.raises(ExportError, match="awq cannot apply to llama: its layers have no mlp.gate_proj"):
+        check_applicable(model, "awq")
+
+
+def test_calibration_from_jsonl_is_seeded(smol_tokenizer, tmp_path):
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"Sentence number {i} about robots and rivers."})
+                              for i in range(400)))
+    a = calibration_ids(smol_tokenizer, path, 6, 32, seed=7)
+    b = calibration_ids(smol_tokenizer, path, 6, 32, seed=7)
+    c = calibration_ids(smol_tokenizer, path, 6, 32, seed=8)
+    assert a.ids.shape == (6, 32) and torch.equal(a.ids, b.ids) and not torch.equal(a.ids, c.ids)
+    assert "robots" in smol_tokenizer.decode(a.ids[0])
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(ExportError, match="line 2 is not JSON"):
+        calibration_ids(smol_tokenizer, tmp_path / "bad.jsonl", 1, 16, 0)
