@@ -120,7 +120,7 @@ def build_decoder(arch: Architecture, weights: dict, cos: np.ndarray, sin: np.nd
         # attention: one MatMul for q, k, v packed as (B, S, (nh + 2 nkv) * hd)
         #
         #   x ──► qkv_proj ──► GroupQueryAttention(rotary, causal, past ──► present) ──► o_proj
-        qkv_w = _pack_qkv(weights, p)
+        qkv_w = pack_qkv(weights, p)
         qkv_b = None
         if arch.attention_bias:
             qkv_b = np.concatenate([w(f"{p}.self_attn.{k}_proj.bias") for k in "qkv"])
@@ -174,7 +174,9 @@ def build_decoder(arch: Architecture, weights: dict, cos: np.ndarray, sin: np.nd
     return _model(g, arch)
 
 
-def _pack_qkv(weights: dict, p: str):
+def pack_qkv(weights: dict, p: str):
+    """Layer `p`'s q, k and v projections as one weight (out_q + 2 out_kv, in): fp32 ones are
+    concatenated here, quantized ones come packed from host/quant as `{p}.self_attn.qkv_proj.weight`."""
     q, k, v = (weights[f"{p}.self_attn.{k}_proj.weight"] for k in "qkv")
     if isinstance(q, np.ndarray):
         return np.concatenate([q, k, v], axis=0)  # (out_q + 2 out_kv, in)
@@ -204,13 +206,20 @@ def _emit_lm_head(g: Graph, arch: Architecture, weights: dict, h: str) -> None:
 
 
 def _model(g: Graph, arch: Architecture) -> onnx.ModelProto:
-    nkv, hd = arch.num_kv_heads, arch.head_size
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, [1]),
     ]
+    return decoder_model(g, arch, "edgekit_decoder", inputs, {"": OPSET, MS_DOMAIN: 1})
+
+
+def decoder_model(g: Graph, arch: Architecture, name: str, inputs: list, opsets: dict[str, int]) -> onnx.ModelProto:
+    """The ModelProto around `g`: the given inputs, then past_key_values.{i}.key|value; outputs
+    logits and present.{i}.key|value, each (batch, kv_heads, seq, head_size)."""
+    nkv, hd = arch.num_kv_heads, arch.head_size
+    inputs = list(inputs)
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
                                              ["batch_size", "logits_length", arch.vocab_size])]
     for i in range(arch.num_layers):
@@ -219,9 +228,8 @@ def _model(g: Graph, arch: Architecture) -> onnx.ModelProto:
                 f"past_key_values.{i}.{kind}", TensorProto.FLOAT, ["batch_size", nkv, "past_sequence_length", hd]))
             outputs.append(helper.make_tensor_value_info(
                 f"present.{i}.{kind}", TensorProto.FLOAT, ["batch_size", nkv, "total_sequence_length", hd]))
-    graph = helper.make_graph(g.nodes, "edgekit_decoder", inputs, outputs, initializer=g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid(MS_DOMAIN, 1)],
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
                               producer_name="edgekit")
     model.ir_version = 10
     return model

@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.device.bundle import Architecture
-from edgekit.host.graph import OPSET, Graph, _pack_qkv
+from edgekit.host.graph import OPSET, Graph, pack_qkv, decoder_model
 from edgekit.host.load import ExportError
 
 FLAVOUR = "portable"
@@ -199,7 +199,7 @@ def build_portable(arch: Architecture, weights: dict, cos: np.ndarray, sin: np.n
         qkv_b = None
         if arch.attention_bias:
             qkv_b = np.concatenate([w(f"{p}.self_attn.{k}_proj.bias") for k in "qkv"])
-        qkv = emit_linear_portable(g, f"{n}/attn/qkv_proj", x, _pack_qkv(weights, p), qkv_b)
+        qkv = emit_linear_portable(g, f"{n}/attn/qkv_proj", x, pack_qkv(weights, p), qkv_b)
         q, k, v = g.op("Split", [qkv, qkv_split], f"{n}/attn/Split", outputs=3, axis=-1)
         (q,) = g.op("Reshape", [q, g.const(f"{n}/attn/q_heads", np.array([0, 0, nh, hd], np.int64))],
                     f"{n}/attn/q/Reshape")
@@ -297,21 +297,9 @@ def _causal_mask(g: Graph, sliding_window: int | None) -> str:
 
 
 def _model(g: Graph, arch: Architecture) -> onnx.ModelProto:
-    nkv, hd = arch.num_kv_heads, arch.head_size
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, [1]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                             ["batch_size", "logits_length", arch.vocab_size])]
-    for i in range(arch.num_layers):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(
-                f"past_key_values.{i}.{kind}", TensorProto.FLOAT, ["batch_size", nkv, "past_sequence_length", hd]))
-            outputs.append(helper.make_tensor_value_info(
-                f"present.{i}.{kind}", TensorProto.FLOAT, ["batch_size", nkv, "total_sequence_length", hd]))
-    graph = helper.make_graph(g.nodes, "edgekit_decoder_portable", inputs, outputs, initializer=g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgekit")
-    model.ir_version = 10
-    return model
+    return decoder_model(g, arch, "edgekit_decoder_portable", inputs, {"": OPSET})
