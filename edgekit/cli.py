@@ -76,6 +76,7 @@ def _add_export(sub) -> None:
     q.add_argument("--quant", choices=["none", "rtn", "gptq", "awq", "smoothquant"], help="method (default: none)")
     q.add_argument("--bits", type=int, help="weight bits: 4 or 8")
     q.add_argument("--group-size", type=int, help="weights per scale: 32, 64, 128, or 0 for per-channel")
+    q.add_argument("--sym", action="store_true", help="symmetric weights, no zero points (default: asymmetric)")
     q.add_argument("--calib", help="calibration text: a .txt file or a .jsonl of {\"text\": ...}")
     q.add_argument("--calib-samples", type=int, help="calibration samples (N)")
     q.add_argument("--calib-seq-len", type=int, help="tokens per calibration sample (L)")
@@ -97,7 +98,7 @@ def _run_export(args) -> int:
     targets = load_targets(args.target) if args.target else [None]  # all of them, before any work: fail fast
     for t in targets:
         options = ExportOptions(context_length=args.context_length, adapters=args.adapter, quant=args.quant,
-                                bits=args.bits, group_size=args.group_size, calib=args.calib,
+                                bits=args.bits, group_size=args.group_size, sym=args.sym, calib=args.calib,
                                 calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
                                 fit_context=args.fit_context, **({"target": t.path} if t else {}))
         out = Path(args.out) / t.name if len(targets) > 1 else args.out  # several targets: one folder each

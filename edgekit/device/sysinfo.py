@@ -12,7 +12,6 @@ import os
 import platform
 import re
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
