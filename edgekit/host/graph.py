@@ -143,20 +143,7 @@ def build_decoder(arch: Architecture, weights: dict, cos: np.ndarray, sin: np.nd
                                  f"{n}/post_attention_layernorm/SkipLayerNorm", outputs=4, domain=MS_DOMAIN,
                                  epsilon=eps)
 
-        # mlp: down(silu(gate(x)) * up(x))
-        #
-        #   x ─┬─► gate_proj ──► Sigmoid ─► Mul ──► Mul ──► down_proj
-        #      │            └─────────────────┘      ▲
-        #      └─► up_proj ──────────────────────────┘
-        gate = emit_linear(g, f"{n}/mlp/gate_proj", x, w(f"{p}.mlp.gate_proj.weight"),
-                           weights.get(f"{p}.mlp.gate_proj.bias"))
-        up = emit_linear(g, f"{n}/mlp/up_proj", x, w(f"{p}.mlp.up_proj.weight"),
-                         weights.get(f"{p}.mlp.up_proj.bias"))
-        (sig,) = g.op("Sigmoid", [gate], f"{n}/mlp/act_fn/Sigmoid")
-        (act,) = g.op("Mul", [gate, sig], f"{n}/mlp/act_fn/Mul")
-        (prod,) = g.op("Mul", [act, up], f"{n}/mlp/Mul")
-        x_in = emit_linear(g, f"{n}/mlp/down_proj", prod, w(f"{p}.mlp.down_proj.weight"),
-                           weights.get(f"{p}.mlp.down_proj.bias"))
+        x_in = emit_mlp(g, n, p, x, weights)
 
     # final norm (adds the last MLP output), keep the last N positions, lm_head
     #
@@ -172,6 +159,23 @@ def build_decoder(arch: Architecture, weights: dict, cos: np.ndarray, sin: np.nd
     _emit_lm_head(g, arch, weights, hl)
 
     return _model(g, arch)
+
+
+def emit_mlp(g: Graph, n: str, p: str, x: str, weights: dict, linear=emit_linear) -> str:
+    """Layer `p`'s MLP, down(silu(gate(x)) * up(x)); `linear` emits each projection.
+
+        x ─┬─► gate_proj ──► Sigmoid ─► Mul ──► Mul ──► down_proj
+           │            └─────────────────┘      ▲
+           └─► up_proj ──────────────────────────┘
+    """
+    def proj(name: str, inp: str) -> str:
+        return linear(g, f"{n}/mlp/{name}", inp, weights[f"{p}.mlp.{name}.weight"], weights.get(f"{p}.mlp.{name}.bias"))
+
+    gate, up = proj("gate_proj", x), proj("up_proj", x)
+    (sig,) = g.op("Sigmoid", [gate], f"{n}/mlp/act_fn/Sigmoid")
+    (act,) = g.op("Mul", [gate, sig], f"{n}/mlp/act_fn/Mul")
+    (prod,) = g.op("Mul", [act, up], f"{n}/mlp/Mul")
+    return proj("down_proj", prod)
 
 
 def pack_qkv(weights: dict, p: str):

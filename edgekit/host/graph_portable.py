@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.device.bundle import Architecture
-from edgekit.host.graph import OPSET, Graph, pack_qkv, decoder_model
+from edgekit.host.graph import OPSET, Graph, decoder_model, emit_mlp, pack_qkv
 from edgekit.host.load import ExportError
 
 FLAVOUR = "portable"
@@ -232,15 +232,7 @@ def build_portable(arch: Architecture, weights: dict, cos: np.ndarray, sin: np.n
         # mlp: down(silu(gate(x)) * up(x)), then the residual
         ln = g.const(f"{p}.post_attention_layernorm.weight", w(f"{p}.post_attention_layernorm.weight"))
         x = rms_norm(g, f"{n}/post_attention_layernorm", h, ln, eps)
-        gate = emit_linear_portable(g, f"{n}/mlp/gate_proj", x, w(f"{p}.mlp.gate_proj.weight"),
-                                    weights.get(f"{p}.mlp.gate_proj.bias"))
-        up = emit_linear_portable(g, f"{n}/mlp/up_proj", x, w(f"{p}.mlp.up_proj.weight"),
-                                  weights.get(f"{p}.mlp.up_proj.bias"))
-        (sig,) = g.op("Sigmoid", [gate], f"{n}/mlp/act_fn/Sigmoid")
-        (act,) = g.op("Mul", [gate, sig], f"{n}/mlp/act_fn/Mul")
-        (prod,) = g.op("Mul", [act, up], f"{n}/mlp/Mul")
-        down = emit_linear_portable(g, f"{n}/mlp/down_proj", prod, w(f"{p}.mlp.down_proj.weight"),
-                                    weights.get(f"{p}.mlp.down_proj.bias"))
+        down = emit_mlp(g, n, p, x, weights, linear=emit_linear_portable)
         (h,) = g.op("Add", [h, down], f"{n}/mlp/residual/Add")
 
     # final norm, keep the last N positions, lm_head
