@@ -37,6 +37,19 @@ def test_a_prompt_that_extends_the_cached_one_feeds_only_the_new_tokens(model):
     assert fresh.token_ids == again.token_ids
 
 
+def test_a_direct_forward_run_is_never_mistaken_for_cached_tokens(model):
+    # e.g. a perplexity window run between two chat turns overwrites cache positions 0..n
+    first = model.encode("The red cube is on the table.")
+    second = model.encode("The red cube is on the table. Where is it?")
+    model.prefill(first)
+    model.forward(model.encode("Completely different text about engines and wheels"), 0, all_logits=True)
+    logits, reused = model.prefill(second)
+    assert reused == 0
+    model.reset()
+    fresh, _ = model.prefill(second)
+    np.testing.assert_allclose(logits, fresh, atol=1e-5)
+
+
 def test_streamed_pieces_join_to_the_completion_text(model):
     stream = model.stream("Once upon a time", max_new_tokens=20, temperature=0)
     pieces = list(stream)

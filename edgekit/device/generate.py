@@ -136,6 +136,7 @@ class Model:
         self._cache: dict[str, np.ndarray] = {}
         # the portable graph (standard operators) returns a new, longer present instead: _forward_portable
         self._portable = self.manifest.graph.get("flavour") == "portable"
+        self._output_names = [o.name for o in self.session.get_outputs()]
         for i in range(arch.num_layers):
             for kind in ("key", "value"):
                 buf = np.zeros(shape, dtype=np.float32)
@@ -170,13 +171,15 @@ class Model:
         """Run `ids` after `past_length` cached tokens; returns logits (len(ids) or 1, vocab).
 
         The new keys and values are written into the cache right after the baked-in prefix
-        (if any) and the `past_length` tokens before them.
+        (if any) and the `past_length` tokens before them; cached tokens from there on are
+        forgotten, so a later prompt never reuses keys and values this run overwrote.
         """
         total = self.prefix_length + past_length + len(ids)
         if total > self.context_length:
             raise ContextLengthError(
                 f"{total} tokens do not fit in the context length of {self.context_length}"
             )
+        del self._cached_ids[past_length:]
         if self._portable:
             return self._forward_portable(ids, self.prefix_length + past_length, all_logits)
         b = self._binding
@@ -207,8 +210,7 @@ class Model:
         for name, buf in self._cache.items():
             kind, i = name.split(".")
             feeds[f"past_key_values.{i}.{kind}"] = buf[:, :, :past]
-        names = [o.name for o in self.session.get_outputs()]
-        for name, value in zip(names, self.session.run(names, feeds)):
+        for name, value in zip(self._output_names, self.session.run(self._output_names, feeds)):
             if name == "logits":
                 logits = value
             else:  # present.{i}.{kind}: (1, kv_heads, past + n, head_size)
@@ -228,7 +230,6 @@ class Model:
         limit = min(len(self._cached_ids), len(ids) - 1)  # feed at least one token to get logits
         while reuse < limit and self._cached_ids[reuse] == ids[reuse]:
             reuse += 1
-        self._cached_ids = self._cached_ids[:reuse]
         logits = self.forward(ids[reuse:], reuse)[-1]
         self._cached_ids = list(ids)
         return logits, reuse
