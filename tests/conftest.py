@@ -48,12 +48,18 @@ def make_tiny(tmp_path_factory, smol_tokenizer):
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory, make_tiny) -> Path:
-    """A bundle exported from a tiny random Llama (GQA, tied embeddings): fast to generate from."""
+def tiny_folder(make_tiny) -> Path:
+    """A tiny random Llama (GQA, tied embeddings) saved as a Hugging Face folder."""
+    folder, _ = make_tiny("llama", tie_word_embeddings=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_folder) -> Path:
+    """The bundle exported from tiny_folder: fast to generate from."""
     from edgekit.host import export
 
-    folder, _ = make_tiny("llama", tie_word_embeddings=True)
-    return export(folder, tmp_path_factory.mktemp("bundles") / "tiny", progress=lambda _: None)
+    return export(tiny_folder, tmp_path_factory.mktemp("bundles") / "tiny", progress=lambda _: None)
 
 
 @pytest.fixture(scope="session")

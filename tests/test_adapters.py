@@ -43,10 +43,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def base(make_tiny):
-    """A tiny random Llama (GQA, tied embeddings) saved as an HF folder."""
-    folder, _ = make_tiny("llama", tie_word_embeddings=True)
-    return folder
+def base(tiny_folder):
+    """The base model: conftest's tiny random Llama (GQA, tied embeddings) as an HF folder."""
+    return tiny_folder
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,6 @@ def quiet(_: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(make_tiny):
-    folder, _ = make_tiny("llama", tie_word_embeddings=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def multi_target(tiny_folder, tmp_path_factory) -> Path:
     """`edgekit export TINY --target rpi4,jetson-orin-nano --out DIR`: one bundle per target."""
     out = tmp_path_factory.mktemp("targets")

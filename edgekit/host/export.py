@@ -63,7 +63,8 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     say = progress or _stderr
     out = Path(out)
     _check_out(out)
-    if options.quant not in (None, "none"):
+    quantizing = options.quant not in (None, "none")
+    if quantizing:
         from edgekit.host.quant import resolve as check_quant_options
 
         check_quant_options(options)  # unsupported bits or group size fail before the model loads
@@ -82,7 +83,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     arch = architecture(loaded.model, options.context_length)
     weights = fp32_weights(loaded.model, arch.tie_word_embeddings)
     quant_record = None
-    if options.quant not in (None, "none"):
+    if quantizing:
         from edgekit.host.quant import quantize  # imported only when asked for
 
         tq = time.perf_counter()
