@@ -15,7 +15,7 @@ import torch
 
 from edgekit.cli import main
 from edgekit.device import Model
-from edgekit.device.perplexity import EvalTextError, log_softmax_nll, perplexity, windows_of
+from edgekit.device.perplexity import DEFAULT_WINDOW, EvalTextError, log_softmax_nll, perplexity, windows_of
 from edgekit.host import ExportOptions, export
 from edgekit.host.quant.calibration import default_text
 
@@ -81,6 +81,19 @@ def test_eval_compare_prints_size_perplexity_and_delta(make_tiny, tmp_path, caps
 
     assert main(["eval", "perplexity", str(q4), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_bundle_with_a_short_context_is_scored_in_windows_of_its_whole_context(tiny_bundle, tmp_path, capsys):
+    model = Model(tiny_bundle)
+    assert model.context_length < DEFAULT_WINDOW  # the tiny model's context is 256
+    text = tmp_path / "t.txt"
+    text.write_text(default_text()[:6000])
+    assert main(["eval", "perplexity", str(tiny_bundle), "--text", str(text)]) == 0
+    want = perplexity(model, text.read_text(), window=model.context_length)
+    assert f"perplexity {want.perplexity:.4f}" in capsys.readouterr().out
+    assert perplexity(model, text.read_text()).window == model.context_length
+    assert main(["eval", "perplexity", str(tiny_bundle), "--text", str(text), "--window", "1"]) == 2
+    assert "--window must be at least 2" in capsys.readouterr().err
 
 
 @pytest.mark.slow

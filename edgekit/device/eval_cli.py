@@ -32,19 +32,35 @@ def register(sub) -> None:
 
 def _common(p) -> None:
     p.add_argument("--text", required=True, help="a UTF-8 text file")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default {DEFAULT_WINDOW})")
+    p.add_argument("--window", type=int, help=f"tokens per window (default {DEFAULT_WINDOW}, or the shortest "
+                                              "context of the bundles when that is less)")
     p.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
 
 
-def _measure(bundle: str, text: str, args):
+def _window(args, bundles: list[str]) -> int:
+    """--window, or DEFAULT_WINDOW shrunk to the shortest context among `bundles`, so that
+    every bundle of a comparison is scored on the same windows."""
+    from edgekit.cli import UserError
+    from edgekit.device.bundle import read_manifest
+
+    if args.window is not None:
+        if args.window < 2:
+            raise UserError("--window must be at least 2")
+        return args.window
+    rooms = []
+    for b in bundles:
+        m = read_manifest(b, verify=False)
+        rooms.append(m.architecture.context_length - ((m.prefix or {}).get("length") or 0))
+    return min(DEFAULT_WINDOW, *rooms)
+
+
+def _measure(bundle: str, text: str, window: int, args):
     from edgekit.cli import UserError
     from edgekit.device import Model
 
     try:
-        if args.window < 2:
-            raise EvalTextError("--window must be at least 2")
-        return perplexity(Model(bundle, threads=args.threads), text, args.window, args.max_tokens)
+        return perplexity(Model(bundle, threads=args.threads), text, window, args.max_tokens)
     except EvalTextError as e:  # printed as one line by the CLI
         raise UserError(str(e)) from None
 
@@ -64,7 +80,7 @@ def bundle_mb(bundle: str | Path) -> float:
 
 def _run_perplexity(args) -> int:
     text = _read(args.text)
-    r = _measure(args.bundle, text, args)
+    r = _measure(args.bundle, text, _window(args, [args.bundle]), args)
     print(f"perplexity {r.perplexity:.4f}  ({r.tokens} tokens scored in {r.windows} windows of {r.window}, "
           f"{r.seconds:.1f}s)")
     return 0
@@ -74,16 +90,17 @@ def _run_compare(args) -> int:
     from edgekit.device.bundle import read_manifest
 
     text = _read(args.text)
+    window = _window(args, args.bundles)
     rows = []
     for b in args.bundles:
         q = read_manifest(b, verify=False).quantization
         method = q.get("method", "none")
         label = method if method in ("none", "smoothquant", "w8a8") else f"{method} {q.get('bits')}b g{q.get('group_size')}"
-        rows.append((b, label, bundle_mb(b), _measure(b, text, args)))
+        rows.append((b, label, bundle_mb(b), _measure(b, text, window, args)))
     first = rows[0][3].perplexity
     width = max(len(b) for b in args.bundles)
     print(f"{'bundle':{width}s}  {'quantization':18s} {'size MB':>9s} {'perplexity':>11s} {'delta':>8s}")
     for b, label, mb, r in rows:
         print(f"{b:{width}s}  {label:18s} {mb:9.1f} {r.perplexity:11.4f} {(r.perplexity / first - 1) * 100:+7.2f}%")
-    print(f"({rows[0][3].tokens} tokens, non-overlapping windows of {args.window})")
+    print(f"({rows[0][3].tokens} tokens, non-overlapping windows of {window})")
     return 0

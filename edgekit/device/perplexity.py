@@ -63,9 +63,11 @@ def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return lse - x[np.arange(len(targets)), targets]
 
 
-def perplexity(model: Model, text: str, window: int = DEFAULT_WINDOW, max_tokens: int | None = None) -> Perplexity:
-    """Perplexity of `model` on `text` over non-overlapping `window`-token windows."""
+def perplexity(model: Model, text: str, window: int | None = None, max_tokens: int | None = None) -> Perplexity:
+    """Perplexity of `model` on `text` over non-overlapping `window`-token windows
+    (default: DEFAULT_WINDOW, or the bundle's whole context when that is shorter)."""
     room = model.context_length - model.prefix_length
+    window = window or min(DEFAULT_WINDOW, room)
     if window > room:
         raise EvalTextError(f"window {window} exceeds the bundle's context length ({room}); use a smaller --window")
     ids = model.tokenizer.encode(text, add_special_tokens=False).ids
