@@ -73,7 +73,8 @@ def _add_export(sub) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH[:WEIGHT]",
                    help="a PEFT adapter folder to merge (LoRA) or bake in (prefix tuning); repeatable")
     q = p.add_argument_group("quantization")
-    q.add_argument("--quant", choices=["none", "rtn", "gptq", "awq", "smoothquant"], help="method (default: none)")
+    q.add_argument("--quant", choices=["none", "rtn", "gptq", "awq", "smoothquant", "w8a8"],
+                   help="method (default: none); w8a8 is SmoothQuant without smoothing, its baseline")
     q.add_argument("--bits", type=int, help="weight bits: 4 or 8")
     q.add_argument("--group-size", type=int, help="weights per scale: 32, 64, 128, or 0 for per-channel")
     q.add_argument("--sym", action="store_true", help="symmetric weights, no zero points (default: asymmetric)")
@@ -81,6 +82,12 @@ def _add_export(sub) -> None:
     q.add_argument("--calib-samples", type=int, help="calibration samples (N)")
     q.add_argument("--calib-seq-len", type=int, help="tokens per calibration sample (L)")
     q.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")
+    q.add_argument("--damp", type=float, help="gptq: dampening added to the Hessian's diagonal, as a fraction of "
+                                              "its mean (default 0.01)")
+    q.add_argument("--no-act-order", dest="act_order", action="store_false", default=None,
+                   help="gptq: quantize columns in their stored order, not by decreasing activation")
+    q.add_argument("--awq-grid", type=int, help="awq: scale exponents tried per layer group (default 20)")
+    q.add_argument("--alpha", type=float, help="smoothquant: migration strength 0..1 (default 0.5)")
     p.set_defaults(run=_run_export)
 
 
@@ -100,6 +107,7 @@ def _run_export(args) -> int:
         options = ExportOptions(context_length=args.context_length, adapters=args.adapter, quant=args.quant,
                                 bits=args.bits, group_size=args.group_size, sym=args.sym, calib=args.calib,
                                 calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
+                                damp=args.damp, act_order=args.act_order, awq_grid=args.awq_grid, alpha=args.alpha,
                                 fit_context=args.fit_context, **({"target": t.path} if t else {}))
         out = Path(args.out) / t.name if len(targets) > 1 else args.out  # several targets: one folder each
         print(export(args.source, out, options))

@@ -112,11 +112,34 @@ def test_same_seed_same_bundle_bytes(tiny, tmp_path):
     (dict(quant="smoothquant", bits=4), "smoothquant quantizes weights and activations to 8 bits"),
     (dict(quant="gptq", calib_samples=500, calib_seq_len=512), "too short for 500 samples x 512 tokens"),
     (dict(quant="awq", calib="/nonexistent/calib.txt"), "--calib /nonexistent/calib.txt: no such file"),
+    (dict(quant="awq", damp=0.1), "--damp applies to --quant gptq, not awq"),
+    (dict(quant="gptq", damp=0), r"--damp 0 is out of range"),
+    (dict(quant="smoothquant", alpha=1.5), "--alpha 1.5 is out of range"),
+    (dict(quant="awq", awq_grid=0), "--awq-grid 0 must be at least 1"),
+    (dict(bits=4, act_order=False), "--bits, --no-act-order only apply when quantizing"),
 ])
 def test_wrong_use_says_what_to_do(fields, message, tiny, tmp_path):
     with pytest.raises(ExportError, match=message.replace("(", r"\(").replace("+", r"\+")):
         export(tiny[0], tmp_path / "out", ExportOptions(**fields), progress=lambda _: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_method_settings_reach_the_bundle(tiny, tmp_path):
+    folder = tiny[0]
+    default = export(folder, tmp_path / "default", ExportOptions(quant="gptq", group_size=32, **CALIB),
+                     progress=lambda _: None)
+    tuned = export(folder, tmp_path / "tuned", ExportOptions(quant="gptq", group_size=32, damp=0.1, act_order=False,
+                                                             **CALIB), progress=lambda _: None)
+    smooth = export(folder, tmp_path / "smooth", ExportOptions(quant="smoothquant", alpha=0.8, **CALIB),
+                    progress=lambda _: None)
+
+    def manifest(bundle):
+        return json.loads((bundle / "edgekit.json").read_text())
+
+    assert (manifest(default)["quantization"]["percdamp"], manifest(default)["quantization"]["act_order"]) == (0.01, True)
+    assert (manifest(tuned)["quantization"]["percdamp"], manifest(tuned)["quantization"]["act_order"]) == (0.1, False)
+    assert manifest(tuned)["files"]["model.onnx.data"] != manifest(default)["files"]["model.onnx.data"]
+    assert manifest(smooth)["quantization"]["alpha"] == 0.8
 
 
 def test_method_that_cannot_apply_is_refused(make_tiny):

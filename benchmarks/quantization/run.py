@@ -42,6 +42,9 @@ ROWS = {
     "smoothquant": dict(quant="smoothquant"),
     "w8a8": dict(quant="w8a8"),
     "gptq4-sym": dict(quant="gptq", bits=4, group_size=128, sym=True),  # to compare with ort-gptq4 (symmetric)
+    # llm-compressor refuses groups of 128 on SmolLM2's 576 input features: both GPTQs at 64
+    "gptq4-g64": dict(quant="gptq", bits=4, group_size=64),
+    "llmc-gptq4-g64": "llmc",
     "ort-rtn4": "ort",
     "ort-gptq4": "ort",
 }
@@ -49,6 +52,8 @@ ROWS = {
 
 # onnxruntime's GPTQ mode ran at more than a minute per MatMul here (120 MatMuls: hours); run it with --only
 SLOW_ROWS = {"ort-gptq4"}
+# llm-compressor's own virtual environment (setup_peer_llmcompressor.sh): it pins an older transformers
+LLMC_PYTHON = Path.home() / ".cache" / "edgekit" / "peer-llmc" / "bin" / "python"
 
 
 def folder_mb(path: Path) -> float:
@@ -136,6 +141,65 @@ def ort_row(name: str, fp32: Path, work: Path) -> tuple[Path, float]:
     return out, seconds
 
 
+def llmc_row(name: str, work: Path, group_size: int = 64) -> tuple[Path, float]:
+    """llm-compressor's GPTQ (peer_llmcompressor.py, in its own venv) on the same calibration
+    windows, its integer codes packed into the graph edgekit builds: same kernels, same
+    float16 embedding and int8 lm_head, so only the choice of codes differs from gptq4-g64."""
+    import subprocess
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgekit.host.export import ExportOptions, write_bundle
+    from edgekit.host.graph import build_decoder
+    from edgekit.host.load import architecture, fp32_weights, load, rotary_tables
+    from edgekit.host.quant import store_embeddings, store_layer
+    from edgekit.host.quant.calibration import calibration_ids
+    from edgekit.host.quant.layerwise import LINEARS
+    from edgekit.host.quant.nbits import NBitsWeight
+    from edgekit.host.target_fit import resolve_target
+
+    if not LLMC_PYTHON.exists():
+        raise SystemExit(f"{name}: llm-compressor's venv is missing; run bash {HERE / 'setup_peer_llmcompressor.sh'}")
+    loaded = load("smollm2-135m")
+    model = loaded.model
+    # the peer reads a plain Hugging Face folder; the shipped GGUF loads as a "gguf-quantized" model
+    # that save_pretrained refuses, so copy its fp32 weights into a fresh one
+    hf, ids, codes = work / "smollm2-hf", work / "calib_ids.npy", work / f"{name}.npz"
+    config = model.config
+    config.__dict__.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(hf)
+    np.save(ids, calibration_ids(loaded.tokenizer, CORPORA / CALIB, SAMPLES, SEQ_LEN, 0).ids.numpy())
+    run = subprocess.run([str(LLMC_PYTHON), str(HERE / "peer_llmcompressor.py"), str(hf), str(ids), str(codes),
+                          "--group-size", str(group_size)], capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f"{name}: llm-compressor failed:\n{run.stderr[-3000:]}")
+    seconds = json.loads(run.stdout.strip().splitlines()[-1])["seconds"]
+
+    arch = architecture(model, None)
+    weights = fp32_weights(model, arch.tie_word_embeddings)
+    npz = np.load(codes)
+    graph_weights = dict(weights)
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}"
+        quantized = {path: NBitsWeight(npz[f"{p}.{path}.codes"], npz[f"{p}.{path}.scales"],
+                                       npz[f"{p}.{path}.zeros"], bits=4, block_size=group_size,
+                                       in_features=layer.get_submodule(path).in_features) for path in LINEARS}
+        store_layer(graph_weights, p, layer, quantized)
+    store_embeddings(graph_weights, weights)
+    proto = build_decoder(arch, graph_weights, *rotary_tables(model, arch.context_length))
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    write_bundle(out, loaded, arch, proto, resolve_target(ExportOptions()),
+                 quantization={"method": name, "bits": 4, "group_size": group_size, "symmetric": False,
+                               "accuracy_level": 4, "tool": "llmcompressor GPTQModifier", "seconds": seconds})
+    return out, seconds
+
+
 def _recorded_seconds(bundle: Path) -> float:
     q = json.loads((bundle / "edgekit.json").read_text())["quantization"]
     return q.get("seconds", 0.0) if q.get("method") != "none" else 0.0
@@ -166,6 +230,8 @@ def main() -> int:
             seconds = results.get(name, {}).get("quant_seconds") or _recorded_seconds(bundle)
         elif spec == "ort":
             bundle, seconds = ort_row(name, work / "fp32", work)
+        elif spec == "llmc":
+            bundle, seconds = llmc_row(name, work)
         else:
             bundle, seconds = export_row(name, spec, work)
         ppl = perplexity(Model(bundle, threads=2), text, WINDOW, args.max_eval_tokens or None)
@@ -212,6 +278,9 @@ def report(results: dict) -> None:
     if "gptq4-sym" in p and "ort-gptq4" in p:
         checks.append(("edgekit GPTQ (symmetric) no worse than onnxruntime's GPTQ (symmetric)",
                        p["gptq4-sym"] <= p["ort-gptq4"]))
+    if "gptq4-g64" in p and "llmc-gptq4-g64" in p:
+        checks.append((f"edgekit GPTQ no worse than llm-compressor's GPTQ (int4 g64 asymmetric: "
+                       f"{p['gptq4-g64']:.3f} vs {p['llmc-gptq4-g64']:.3f})", p["gptq4-g64"] <= p["llmc-gptq4-g64"]))
     if "gptq4" in p and "ort-gptq4" in p:
         checks.append(("edgekit GPTQ (default, asymmetric) no worse than onnxruntime's GPTQ", p["gptq4"] <= p["ort-gptq4"]))
     for text, ok in checks:

@@ -51,6 +51,11 @@ class ExportOptions:
     calib_samples: int | None = None
     calib_seq_len: int | None = None
     seed: int = 0
+    # one method's knobs; None: its default (host/quant/__init__.py resolve)
+    damp: float | None = None  # gptq dampening, fraction of the Hessian's mean diagonal
+    act_order: bool | None = None  # gptq column order by decreasing activation
+    awq_grid: int | None = None  # awq scale-search grid points
+    alpha: float | None = None  # smoothquant migration strength
 
 
 def export(source: str | Path, out: str | Path, options: ExportOptions | None = None,
@@ -64,6 +69,8 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     out = Path(out)
     _check_out(out)
     quantizing = options.quant not in (None, "none")
+    if not quantizing:
+        _check_no_quant_flags(options)
     if quantizing:
         from edgekit.host.quant import resolve as check_quant_options
 
@@ -179,6 +186,21 @@ def generation_defaults(loaded: LoadedModel) -> dict:
         "top_p": float(gc.top_p or 1.0) if sampling else 1.0,
         "repetition_penalty": float(gc.repetition_penalty or 1.0),
     }
+
+
+def flag(option: str) -> str:
+    """The command-line flag that sets ExportOptions.`option`."""
+    return "--no-act-order" if option == "act_order" else f"--{option.replace('_', '-')}"
+
+
+def _check_no_quant_flags(options: ExportOptions) -> None:
+    """Quantization settings without a method would be silently ignored: refuse them."""
+    knobs = ("bits", "group_size", "calib", "calib_samples", "calib_seq_len", "damp", "act_order", "awq_grid", "alpha")
+    given = [flag(k) for k in knobs if getattr(options, k) is not None]
+    given += ["--sym"] if options.sym else []
+    if given:
+        raise ExportError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} when quantizing; add --quant rtn, gptq, awq or smoothquant "
+                          "(or drop them for an fp32 bundle)")
 
 
 def _check_out(out: Path) -> None:

@@ -50,6 +50,8 @@ LM_HEAD = QuantSpec(bits=8, group_size=0, sym=True)
 
 def resolve(options) -> dict:
     """The method's settings with defaults filled in; ExportError for what cannot be done."""
+    from edgekit.host.export import flag
+
     method = options.quant
     if method not in METHODS:
         raise ExportError(f"unknown quantization method {method!r}; choose one of: none, {', '.join(METHODS)}")
@@ -68,12 +70,27 @@ def resolve(options) -> dict:
         group_size = options.group_size if options.group_size is not None else (128 if bits == 4 else 0)
         if group_size not in GROUP_SIZES:
             raise ExportError(f"--group-size {group_size} is not supported; use 32, 64, 128, or 0 for per-channel")
+    knobs = {"damp": "gptq", "act_order": "gptq", "awq_grid": "awq", "alpha": "smoothquant"}
+    for knob, owner in knobs.items():
+        if getattr(options, knob) is not None and method != owner:
+            raise ExportError(f"{flag(knob)} applies to --quant {owner}, not {method}")
+    damp = GPTQConfig.percdamp if options.damp is None else options.damp
+    if not 0 < damp <= 1:
+        raise ExportError(f"--damp {damp} is out of range; use a fraction in (0, 1], e.g. 0.01")
+    alpha = DEFAULT_ALPHA if options.alpha is None else options.alpha
+    if not 0 <= alpha <= 1:
+        raise ExportError(f"--alpha {alpha} is out of range; use 0..1 (0.5 suits most models)")
+    awq_grid = awq_.AWQConfig.n_grid if options.awq_grid is None else options.awq_grid
+    if awq_grid < 1:
+        raise ExportError(f"--awq-grid {awq_grid} must be at least 1")
     samples = options.calib_samples or DEFAULT_SAMPLES
     seq_len = options.calib_seq_len or DEFAULT_SEQ_LEN
     if samples < 1 or seq_len < 16:
         raise ExportError(f"calibration needs --calib-samples >= 1 and --calib-seq-len >= 16 (got {samples}, {seq_len})")
-    return {"method": method, "bits": bits, "group_size": group_size, "sym": bool(getattr(options, "sym", False)),
-            "samples": samples, "seq_len": seq_len}
+    return {"method": method, "bits": bits, "group_size": group_size, "sym": options.sym,
+            "samples": samples, "seq_len": seq_len, "alpha": alpha,
+            "gptq": GPTQConfig(percdamp=damp, act_order=options.act_order is not False),
+            "awq": awq_.AWQConfig(n_grid=awq_grid)}
 
 
 def check_applicable(model, method: str) -> None:
@@ -117,7 +134,7 @@ def quantize(loaded, arch, weights: dict, options, say: Callable[[str], None]) -
     layers = model.model.layers
     out = dict(weights)
     hidden, kwargs = (None, None) if calib is None else layerwise.first_layer_inputs(model, calib.ids)
-    gptq_config, awq_config = GPTQConfig(), awq_.AWQConfig()
+    gptq_config, awq_config, alpha = cfg["gptq"], cfg["awq"], cfg["alpha"]
     for i, layer in enumerate(layers):
         t = time.perf_counter()
         feats, fp_out = (None, None) if hidden is None else layerwise.linear_inputs(layer, hidden, kwargs)
@@ -129,7 +146,7 @@ def quantize(loaded, arch, weights: dict, options, say: Callable[[str], None]) -
             with single_thread():  # many small ops per grid point (see gptq.single_thread): 6x faster measured
                 quantized = _awq_layer(layer, feats, kwargs, spec, awq_config)
         elif method == "smoothquant":
-            _smooth_layer(layer, feats, DEFAULT_ALPHA)
+            _smooth_layer(layer, feats, alpha)
             quantized = {path: quantize_w8a8(layer.get_submodule(path).weight.data, "per_token")
                          for path in layerwise.LINEARS}
         else:  # w8a8 without smoothing, activations per tensor: the baseline of the SmoothQuant paper
@@ -137,14 +154,14 @@ def quantize(loaded, arch, weights: dict, options, say: Callable[[str], None]) -
                          for path in layerwise.LINEARS}
         for path, q in quantized.items():  # the layer as the device will run it
             layer.get_submodule(path).weight.data = torch.from_numpy(q.dequantize().copy())
-        _store_layer(out, f"model.layers.{i}", layer, quantized)
+        store_layer(out, f"model.layers.{i}", layer, quantized)
         if hidden is not None:
             del feats
             # GPTQ: the next layer sees this one quantized; AWQ and SmoothQuant: the fp32 outputs
             hidden = layerwise.run_layer(layer, hidden, kwargs) if method == "gptq" else fp_out
         say(f"      layer {i + 1}/{len(layers)} {method} ({time.perf_counter() - t:.1f}s)")
 
-    _store_embeddings(out, weights)
+    store_embeddings(out, weights)
     record = {
         "method": method,
         "weights": f"int{cfg['bits']}",
@@ -167,7 +184,7 @@ def quantize(loaded, arch, weights: dict, options, say: Callable[[str], None]) -
     elif method == "awq":
         record.update(n_grid=awq_config.n_grid, search_tokens=awq_config.search_tokens, clip=awq_config.clip)
     elif method == "smoothquant":
-        record.update(alpha=DEFAULT_ALPHA, smoothed="input_layernorm->qkv, post_attention_layernorm->gate/up, "
+        record.update(alpha=alpha, smoothed="input_layernorm->qkv, post_attention_layernorm->gate/up, "
                                                     "up_proj->down_proj")
     return out, record
 
@@ -221,9 +238,9 @@ def _smooth_layer(layer, feats: dict, alpha: float) -> None:
     smooth(mlp.up_proj, [mlp.down_proj], act_max(feats["down_in"]), alpha)
 
 
-def _store_layer(out: dict, p: str, layer, quantized: dict) -> None:
-    """The layer's entries for the graph: quantized Linears, q/k/v packed, and the (possibly
-    rescaled) norms and biases as fresh fp32 copies."""
+def store_layer(out: dict, p: str, layer, quantized: dict) -> None:
+    """Put layer `p`'s entries for graph.build_decoder into `out`: quantized Linears, q/k/v
+    packed, and the (possibly rescaled) norms and biases as fresh fp32 copies."""
     for path, q in quantized.items():
         out[f"{p}.{path}.weight"] = q
     qkv = [quantized[f"self_attn.{k}_proj"] for k in "qkv"]
@@ -233,7 +250,8 @@ def _store_layer(out: dict, p: str, layer, quantized: dict) -> None:
             out[f"{p}.{name}"] = param.detach().numpy().copy()
 
 
-def _store_embeddings(out: dict, weights: dict) -> None:
+def store_embeddings(out: dict, weights: dict) -> None:
+    """The embedding as float16 and the lm_head as int8 per channel (see the module docstring)."""
     embed = weights["model.embed_tokens.weight"]
     head = weights.get("lm_head.weight", embed)  # absent when tied
     out["lm_head.weight"] = rtn(torch.from_numpy(np.asarray(head)), LM_HEAD)
