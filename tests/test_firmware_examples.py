@@ -9,7 +9,6 @@ from pathlib import Path
 
 import paho.mqtt.publish as publish
 import pytest
-
 from mqtt_broker import Broker, Listener, service_env
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "firmware_examples"

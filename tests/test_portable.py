@@ -18,10 +18,10 @@ from edgekit.device import Model
 from edgekit.host import ExportOptions, export
 from edgekit.host.graph import build_decoder
 from edgekit.host.graph_portable import build_portable
-from edgekit.host.target_fit import set_accuracy_level
 from edgekit.host.load import architecture, fp32_weights, rotary_tables
 from edgekit.host.quant.nbits import concat_rows
 from edgekit.host.quant.rtn import QuantSpec, rtn
+from edgekit.host.target_fit import set_accuracy_level
 
 FP32_PORTABLE = dict(target="jetson-orin-nano", quant="none")  # the portable flavour, weights left in fp32
 

@@ -29,8 +29,8 @@ def machine_description() -> dict:
 
     Keys are always present; values the system does not expose are None.
     """
-    import onnxruntime as ort
     import numpy as np
+    import onnxruntime as ort
 
     cpuinfo = _read("/proc/cpuinfo") or ""
     flags: set[str] = set()
