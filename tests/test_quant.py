@@ -9,6 +9,7 @@ this only checks the bundle is the same model, not how good the method is), 8-bi
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -31,6 +32,7 @@ CASES = {  # name -> (ExportOptions fields, relative tolerance, operator)
     "rtn4-g64-sym": (dict(quant="rtn", bits=4, group_size=64, sym=True), 0.25, "MatMulNBits"),
     "gptq4-g32": (dict(quant="gptq", bits=4, group_size=32, **CALIB), 0.25, "MatMulNBits"),
     "awq4-g32": (dict(quant="awq", bits=4, group_size=32, **CALIB), 0.25, "MatMulNBits"),
+    "gptq4-int4-lm-head": (dict(quant="gptq", bits=4, group_size=32, lm_head_bits=4, **CALIB), 0.25, "MatMulNBits"),
     "rtn8-per-channel": (dict(quant="rtn", bits=8), 0.05, "MatMulNBits"),
     "gptq8-g128": (dict(quant="gptq", bits=8, group_size=128, **CALIB), 0.05, "MatMulNBits"),
     "smoothquant": (dict(quant="smoothquant", **CALIB), 0.05, "MatMulInteger"),
@@ -64,13 +66,18 @@ def test_quantized_bundle_runs_integer_kernels_close_to_fp32(name, tiny, tmp_pat
 
     nodes = ops(bundle)
     count = {t: sum(n.op_type == t for n in nodes) for t in ("MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMul", "Gemm")}
-    # 2 layers x (qkv, o_proj, gate_proj, up_proj, down_proj), and lm_head always int8 MatMulNBits
+    # 2 layers x (qkv, o_proj, gate_proj, up_proj, down_proj), and lm_head always MatMulNBits
     assert count[op] == 10 + (op == "MatMulNBits")
     assert count["MatMulNBits"] >= 1 and count["MatMul"] == count["Gemm"] == 0, f"a Linear was left in fp32: {count}"
     assert all(a.i == 4 for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level")
     record = json.loads((bundle / "edgekit.json").read_text())["quantization"]
     assert record["method"] == fields["quant"] and record["operator"] == op
-    assert record["lm_head"].startswith("int8 per-channel MatMulNBits")
+    head = next(n for n in nodes if n.output[0].startswith("/lm_head/"))
+    head_bits = {a.name: a.i for a in head.attribute}
+    if fields.get("lm_head_bits") == 4:
+        assert record["lm_head"].startswith("int4 g32 MatMulNBits") and (head_bits["bits"], head_bits["block_size"]) == (4, 32)
+    else:
+        assert record["lm_head"].startswith("int8 per-channel MatMulNBits") and head_bits["bits"] == 8
 
 
 def test_gptq_reconstructs_a_layer_better_than_rtn(make_tiny):
@@ -117,9 +124,10 @@ def test_same_seed_same_bundle_bytes(tiny, tmp_path):
     (dict(quant="smoothquant", alpha=1.5), "--alpha 1.5 is out of range"),
     (dict(quant="awq", awq_grid=0), "--awq-grid 0 must be at least 1"),
     (dict(bits=4, act_order=False), "--bits, --no-act-order only apply when quantizing"),
+    (dict(quant="rtn", lm_head_bits=2), "--lm-head-bits 2 is not supported; use 8 (default) or 4"),
 ])
 def test_wrong_use_says_what_to_do(fields, message, tiny, tmp_path):
-    with pytest.raises(ExportError, match=message.replace("(", r"\(").replace("+", r"\+")):
+    with pytest.raises(ExportError, match=re.escape(message)):
         export(tiny[0], tmp_path / "out", ExportOptions(**fields), progress=lambda _: None)
     assert not (tmp_path / "out").exists()
 

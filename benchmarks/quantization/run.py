@@ -8,9 +8,11 @@ windows) on each exported bundle, so every number is what a device would get:
     python benchmarks/quantization/run.py --only fp32 rtn4 gptq4
 
 Rows: fp32, RTN/GPTQ/AWQ int4 g128, RTN int8 per-channel, SmoothQuant W8A8, plain W8A8,
-and onnxruntime's own MatMulNBits quantizer (RTN and GPTQ modes, run on the fp32 edgekit
-bundle with the same calibration samples) as the established-library comparison. Then
-the issue's acceptance checks are printed, and everything is written to results.json.
+GPTQ variants (symmetric, groups of 64, int4 lm_head), and the established libraries:
+llm-compressor's GPTQ (llmc-gptq4-g64, its own venv: setup_peer_llmcompressor.sh) and
+onnxruntime's MatMulNBits quantizer (RTN and GPTQ modes, on the fp32 edgekit bundle), all
+on the same calibration samples. Then the issue's acceptance checks are printed, and
+everything is written to results.json.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ ROWS = {
     "smoothquant": dict(quant="smoothquant"),
     "w8a8": dict(quant="w8a8"),
     "gptq4-sym": dict(quant="gptq", bits=4, group_size=128, sym=True),  # to compare with ort-gptq4 (symmetric)
+    "gptq4-head4": dict(quant="gptq", bits=4, group_size=128, lm_head_bits=4),  # --lm-head-bits 4: the speed option
     # llm-compressor refuses groups of 128 on SmolLM2's 576 input features: both GPTQs at 64
     "gptq4-g64": dict(quant="gptq", bits=4, group_size=64),
     "llmc-gptq4-g64": "llmc",
@@ -237,7 +240,7 @@ def main() -> int:
         ppl = perplexity(Model(bundle, threads=2), text, WINDOW, args.max_eval_tokens or None)
         results[name] = {"perplexity": ppl.perplexity, "size_mb": folder_mb(bundle), "quant_seconds": seconds,
                          "eval_tokens": ppl.tokens, "eval_seconds": ppl.seconds}
-        print(f"{name:12s} ppl {ppl.perplexity:8.3f}  size {folder_mb(bundle):7.1f} MB  quant {seconds:6.1f}s  "
+        print(f"{name:14s} ppl {ppl.perplexity:8.3f}  size {folder_mb(bundle):7.1f} MB  quant {seconds:6.1f}s  "
               f"(eval {ppl.tokens} tokens, {ppl.seconds:.0f}s)", flush=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
     report(results)
@@ -248,12 +251,12 @@ def report(results: dict) -> None:
     fp = results.get("fp32")
     print(f"\ncalibration: {CALIB}, {SAMPLES} x {SEQ_LEN} tokens, seed 0; evaluation: {' + '.join(EVAL)}, "
           f"first {EVAL_TOKENS} tokens, non-overlapping {WINDOW}-token windows")
-    print(f"| {'bundle':12s} | perplexity | vs fp32 | size MB | x fp32 | quantize s |")
-    print(f"|{'-' * 14}|-----------:|--------:|--------:|-------:|-----------:|")
+    print(f"| {'bundle':14s} | perplexity | vs fp32 | size MB | x fp32 | quantize s |")
+    print(f"|{'-' * 16}|-----------:|--------:|--------:|-------:|-----------:|")
     for name, r in results.items():
         d = f"{(r['perplexity'] / fp['perplexity'] - 1) * 100:+.2f}%" if fp else ""
         x = f"{r['size_mb'] / fp['size_mb']:.3f}" if fp else ""
-        print(f"| {name:12s} | {r['perplexity']:10.3f} | {d:>7s} | {r['size_mb']:7.1f} | {x:>6s} | "
+        print(f"| {name:14s} | {r['perplexity']:10.3f} | {d:>7s} | {r['size_mb']:7.1f} | {x:>6s} | "
               f"{r['quant_seconds']:10.1f} |")
     if not fp:
         return

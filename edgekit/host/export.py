@@ -56,6 +56,7 @@ class ExportOptions:
     act_order: bool | None = None  # gptq column order by decreasing activation
     awq_grid: int | None = None  # awq scale-search grid points
     alpha: float | None = None  # smoothquant migration strength
+    lm_head_bits: int | None = None  # 8 (per channel, default) or 4 (blocks of 32)
 
 
 def export(source: str | Path, out: str | Path, options: ExportOptions | None = None,
@@ -195,7 +196,8 @@ def flag(option: str) -> str:
 
 def _check_no_quant_flags(options: ExportOptions) -> None:
     """Quantization settings without a method would be silently ignored: refuse them."""
-    knobs = ("bits", "group_size", "calib", "calib_samples", "calib_seq_len", "damp", "act_order", "awq_grid", "alpha")
+    knobs = ("bits", "group_size", "calib", "calib_samples", "calib_seq_len", "damp", "act_order", "awq_grid", "alpha",
+             "lm_head_bits")
     given = [flag(k) for k in knobs if getattr(options, k) is not None]
     given += ["--sym"] if options.sym else []
     if given:

@@ -20,6 +20,8 @@ DynamicQuantizeMatMul (nbits.py). The decoder's Linears are quantized; around th
   to the embedding, the bundle stores this separate quantized copy: a 4-bit lm_head costs
   small models noticeably more perplexity than it saves (the logits of a 49k vocabulary
   all go through it), and an int8 copy (28 MB for SmolLM2) is a quarter of the fp32 tie.
+  `--lm-head-bits 4` (int4, blocks of 32, as onnxruntime-genai builds it) is there for
+  when decode speed matters more: the lm_head is the largest matmul of a small model.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ BITS = (4, 8)
 GROUP_SIZES = (0, 32, 64, 128)  # 0 = per output channel
 DEFAULT_SAMPLES = 32
 DEFAULT_SEQ_LEN = 512
-LM_HEAD = QuantSpec(bits=8, group_size=0, sym=True)
+# lm_head by --lm-head-bits: int8 per channel by default; int4 in blocks of 32 (onnxruntime-genai's
+# choice) trades perplexity for decode speed, the lm_head being the largest matmul of a small model
+LM_HEAD = {8: QuantSpec(bits=8, group_size=0, sym=True), 4: QuantSpec(bits=4, group_size=32, sym=False)}
 
 
 def resolve(options) -> dict:
@@ -80,6 +84,9 @@ def resolve(options) -> dict:
     alpha = DEFAULT_ALPHA if options.alpha is None else options.alpha
     if not 0 <= alpha <= 1:
         raise ExportError(f"--alpha {alpha} is out of range; use 0..1 (0.5 suits most models)")
+    lm_head_bits = 8 if options.lm_head_bits is None else options.lm_head_bits
+    if lm_head_bits not in LM_HEAD:
+        raise ExportError(f"--lm-head-bits {lm_head_bits} is not supported; use 8 (default) or 4")
     awq_grid = awq_.AWQConfig.n_grid if options.awq_grid is None else options.awq_grid
     if awq_grid < 1:
         raise ExportError(f"--awq-grid {awq_grid} must be at least 1")
@@ -88,7 +95,7 @@ def resolve(options) -> dict:
     if samples < 1 or seq_len < 16:
         raise ExportError(f"calibration needs --calib-samples >= 1 and --calib-seq-len >= 16 (got {samples}, {seq_len})")
     return {"method": method, "bits": bits, "group_size": group_size, "sym": options.sym,
-            "samples": samples, "seq_len": seq_len, "alpha": alpha,
+            "samples": samples, "seq_len": seq_len, "alpha": alpha, "lm_head": LM_HEAD[lm_head_bits],
             "gptq": GPTQConfig(percdamp=damp, act_order=options.act_order is not False),
             "awq": awq_.AWQConfig(n_grid=awq_grid)}
 
@@ -161,7 +168,8 @@ def quantize(loaded, arch, weights: dict, options, say: Callable[[str], None]) -
             hidden = layerwise.run_layer(layer, hidden, kwargs) if method == "gptq" else fp_out
         say(f"      layer {i + 1}/{len(layers)} {method} ({time.perf_counter() - t:.1f}s)")
 
-    store_embeddings(out, weights)
+    head = cfg["lm_head"]
+    store_embeddings(out, weights, head)
     record = {
         "method": method,
         "weights": f"int{cfg['bits']}",
@@ -174,7 +182,8 @@ def quantize(loaded, arch, weights: dict, options, say: Callable[[str], None]) -
             method, "float32"),
         "calibration": None if calib is None else calib.record(),
         "embedding": "float16 Gather + Cast",
-        "lm_head": "int8 per-channel MatMulNBits (accuracy_level 4)"
+        "lm_head": (f"int{head.bits} {f'g{head.group_size}' if head.group_size else 'per-channel'} "
+                    "MatMulNBits (accuracy_level 4)")
                    + (", a quantized copy of the tied embedding" if arch.tie_word_embeddings else ""),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -250,9 +259,9 @@ def store_layer(out: dict, p: str, layer, quantized: dict) -> None:
             out[f"{p}.{name}"] = param.detach().numpy().copy()
 
 
-def store_embeddings(out: dict, weights: dict) -> None:
-    """The embedding as float16 and the lm_head as int8 per channel (see the module docstring)."""
+def store_embeddings(out: dict, weights: dict, head_spec: QuantSpec = LM_HEAD[8]) -> None:
+    """The embedding as float16 and the lm_head quantized by `head_spec` (see the module docstring)."""
     embed = weights["model.embed_tokens.weight"]
     head = weights.get("lm_head.weight", embed)  # absent when tied
-    out["lm_head.weight"] = rtn(torch.from_numpy(np.asarray(head)), LM_HEAD)
+    out["lm_head.weight"] = rtn(torch.from_numpy(np.asarray(head)), head_spec)
     out["model.embed_tokens.weight"] = np.asarray(embed).astype(np.float16)
