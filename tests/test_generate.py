@@ -58,6 +58,23 @@ def test_streamed_pieces_join_to_the_completion_text(model):
     assert len(stream.completion.token_ids) == 20
 
 
+def test_a_stopped_stream_ends_with_the_text_so_far_and_its_figures(model, tiny_bundle):
+    full = model.generate("Once upon a time", max_new_tokens=40, temperature=0)
+    stream = model.stream("Once upon a time", max_new_tokens=40, temperature=0)
+    pieces = []
+    for piece in stream:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            stream.stop("cancelled")  # what the MQTT service does on a cancel or a passed deadline
+    done = stream.completion
+    assert done.finish_reason == "cancelled" and "".join(pieces) == done.text
+    assert 3 <= len(done.token_ids) < 40 and done.token_ids == full.token_ids[:len(done.token_ids)]
+    assert done.stats.new_tokens == len(done.token_ids) and done.stats.prompt_tokens > 0
+    # the cache is left consistent: the next answer is what a fresh model gives
+    fresh = Model(tiny_bundle, threads=1).generate("A robot", max_new_tokens=8, temperature=0)
+    assert model.generate("A robot", max_new_tokens=8, temperature=0).token_ids == fresh.token_ids
+
+
 def test_greedy_is_deterministic_and_seeded_sampling_reproducible(model):
     a = model.generate("A robot", max_new_tokens=12, temperature=0)
     b = model.generate("A robot", max_new_tokens=12, temperature=0)

@@ -52,15 +52,34 @@ def greedy(model: Model, prompt, n: int) -> str:
     return model.generate(prompt, max_new_tokens=n, temperature=0).text
 
 
+@pytest.fixture(scope="module")
+def long_bundle(make_tiny, tmp_path_factory):
+    """The tiny model with a 4096-token context, for answers that must still be running while a deadline,
+    a cancel or a broker kill happens: 2000 tokens take about 3 s here (240 from tiny_bundle take 0.3 s,
+    too close to a message round trip on a faster machine)."""
+    from edgekit.host import export
+
+    folder, _ = make_tiny("llama", tie_word_embeddings=True, max_position_embeddings=4096)
+    return export(folder, tmp_path_factory.mktemp("bundles") / "long", progress=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def long_model(long_bundle):
+    return Model(long_bundle, threads=1)
+
+
+LONG = 1000  # new tokens in a long answer: about 1.4 s from long_bundle
+
+
 @pytest.fixture
 def serve(tiny_bundle, tmp_path):
-    """serve(broker_config, device_id, **ServiceConfig fields) -> a started, subscribed Service."""
+    """serve(broker_config, device_id, bundle=tiny_bundle, **ServiceConfig fields) -> a started, subscribed Service."""
     started: list[Service] = []
 
-    def start(config, device_id="arm-01", **fields):
+    def start(config, device_id="arm-01", bundle=tiny_bundle, **fields):
         fields.setdefault("journal", tmp_path / f"journal-{device_id}.sqlite")
         fields.setdefault("heartbeat_s", 0.5)
-        service = Service(Model(tiny_bundle, threads=1), config, ServiceConfig(device_id, **fields))
+        service = Service(Model(bundle, threads=1), config, ServiceConfig(device_id, **fields))
         service.start()
         assert service.ready.wait(10), "the service did not connect and subscribe"
         started.append(service)
@@ -138,14 +157,16 @@ def test_malformed_payloads_each_get_an_error_reply_and_the_service_stays_up(bro
     assert all(e.device_id == "arm-01" for e in errors.values())
 
 
-def test_requests_over_the_limits_get_an_error_reply_with_the_reason(broker, serve):
-    serve(broker.config(), limits=Limits(prompt_chars=100, max_new_tokens=240))
+def test_requests_over_the_limits_get_an_error_reply_with_the_reason(broker, serve, long_bundle):
+    serve(broker.config(), bundle=long_bundle, limits=Limits(prompt_chars=100, max_new_tokens=2000))
     with Client(broker.config(), device_id="arm-01", timeout=10) as client:
         cases = {
             "prompt": client.submit("x" * 101),
-            "max_new_tokens": client.submit("hi", max_new_tokens=241),
+            "max_new_tokens": client.submit("hi", max_new_tokens=2001),
             "deadline passed": client.submit("hi", deadline=time.time() - 1),
-            "cut off": client.submit("Once upon a time", max_new_tokens=240, deadline=time.time() + 0.15),
+            # 2000 tokens take about 3 s: the deadline falls mid-answer, with 0.5 s for the request to arrive
+            "cut off": client.submit("Once upon a time", max_new_tokens=2000, temperature=0,
+                                     deadline=time.time() + 0.5),
             "within the limits": client.submit("word " * 20, max_new_tokens=16),
         }
         outcomes = {}
@@ -156,9 +177,10 @@ def test_requests_over_the_limits_get_an_error_reply_with_the_reason(broker, ser
             except RequestError as e:
                 outcomes[name] = (e.code, str(e))
     assert outcomes["prompt"][0] == "limit_exceeded" and "101 characters" in outcomes["prompt"][1]
-    assert outcomes["max_new_tokens"][0] == "limit_exceeded" and "limit of 240" in outcomes["max_new_tokens"][1]
+    assert outcomes["max_new_tokens"][0] == "limit_exceeded" and "limit of 2000" in outcomes["max_new_tokens"][1]
     assert outcomes["deadline passed"][0] == "expired"
     assert outcomes["cut off"][0] == "deadline"  # stopped at its deadline, with the text so far
+    assert 0 < outcomes["cut off"][1] < 2000
     assert outcomes["within the limits"][0] in ("length", "eos")
 
 
@@ -178,33 +200,34 @@ def test_a_full_queue_refuses_with_queue_full_and_every_request_is_answered(brok
     assert set(outcomes) <= {"length", "context", "eos", "queue_full"}
 
 
-def test_cancel_stops_a_request_in_flight(broker, serve, local_model):
-    serve(broker.config(), limits=Limits(max_new_tokens=240))
+def test_cancel_stops_a_request_in_flight(broker, serve, long_bundle):
+    serve(broker.config(), bundle=long_bundle, limits=Limits(max_new_tokens=LONG))
     with Client(broker.config(), device_id="arm-01", timeout=20) as client:
-        pending = client.stream("Once upon a time", max_new_tokens=240, temperature=0)
+        pending = client.stream("Once upon a time", max_new_tokens=LONG, temperature=0)
         first = next(iter(pending))
         pending.cancel()
         rest = list(pending)
         after = client.ask("Robots", max_new_tokens=2)  # the worker is free again
     assert pending.answer.finish_reason == "cancelled"
     assert pending.answer.text == first + "".join(rest)
-    assert len(pending.answer.text) < len(greedy(local_model, "Once upon a time", 240))
+    assert pending.answer.usage["completion_tokens"] < LONG
     assert after.finish_reason in ("length", "eos")
 
 
 def test_a_request_that_expired_while_the_device_was_down_gets_an_expiry_error_not_an_answer(broker, serve,
-                                                                                             tmp_path):
+                                                                                             long_bundle, tmp_path):
     journal = tmp_path / "arm.sqlite"
-    service = serve(broker.config(), journal=journal, heartbeat_s=0.05, limits=Limits(max_new_tokens=240))
+    service = serve(broker.config(), bundle=long_bundle, journal=journal, heartbeat_s=0.05,
+                    limits=Limits(max_new_tokens=LONG))
     with Listener(broker.config(), [T.heartbeat("arm-01")]) as beats, \
             Client(broker.config(), device_id="arm-01", timeout=20) as client:
-        long = client.submit("Once upon a time", max_new_tokens=240, stream=False)
+        long = client.submit("Once upon a time", max_new_tokens=LONG, stream=False)
         stale = client.submit("Hurry", max_new_tokens=2, expiry_s=1)  # MQTT message expiry
         beats.wait_for(lambda msgs: any(json.loads(m.payload)["queue_depth"] == 2 for m in msgs), timeout=10)
         service.stop()  # finishes the long answer; "Hurry" stays queued in the journal
         assert long.result().finish_reason in ("length", "context", "eos")
         time.sleep(1.2)  # what is under test is the passing of wall-clock time: let "Hurry" expire
-        serve(broker.config(), journal=journal)
+        serve(broker.config(), bundle=long_bundle, journal=journal)
         with pytest.raises(RequestError) as e:
             stale.result()
     assert e.value.code == "expired" and "while the service was down" in str(e.value)
@@ -256,11 +279,12 @@ def test_broker_killed_and_restarted_mid_run_loses_no_accepted_request(broker, s
     assert [a.text for a in answers] == [greedy(local_model, p, 12) for p in prompts]
 
 
-def test_a_reply_the_broker_never_acknowledged_is_sent_after_a_restart(broker, serve, local_model, tmp_path):
+def test_a_reply_the_broker_never_acknowledged_is_sent_after_a_restart(broker, serve, long_bundle, long_model,
+                                                                      tmp_path):
     journal = tmp_path / "arm.sqlite"
-    service = serve(broker.config(), journal=journal, limits=Limits(max_new_tokens=240))
+    service = serve(broker.config(), bundle=long_bundle, journal=journal, limits=Limits(max_new_tokens=LONG))
     with Client(broker.config(), device_id="arm-01", timeout=20, retry_s=120) as client:  # no retry in this test
-        pending = client.stream("Once upon a time", max_new_tokens=240, temperature=0)
+        pending = client.stream("Once upon a time", max_new_tokens=LONG, temperature=0)
         first = next(iter(pending))
         broker.kill()  # the rest of the answer has nowhere to go
         service.stop()  # finishes the answer; the broker cannot acknowledge it
@@ -268,9 +292,9 @@ def test_a_reply_the_broker_never_acknowledged_is_sent_after_a_restart(broker, s
         broker.start()
         # this broker keeps no sessions: a reply sent before the client subscribes again would be dropped
         assert client.connected.wait(10)
-        serve(broker.config(), journal=journal)
+        serve(broker.config(), bundle=long_bundle, journal=journal)
         rest = "".join(pending)  # the chunks died with the first service; the final fills the gap
-    assert first + rest == pending.answer.text == greedy(local_model, "Once upon a time", 240)
+    assert first + rest == pending.answer.text == greedy(long_model, "Once upon a time", LONG)
     # the broker's PUBACK to the service and its delivery to the client race: give the ack a moment
     assert _unsent_after(journal, timeout=10) == []
 

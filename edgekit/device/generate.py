@@ -19,7 +19,7 @@ feeds the new part. A Model is not thread-safe: give each thread its own.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,23 +74,29 @@ class Stats:
 class Completion:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "eos" | "stop" (a stop string) | "length" (max_new_tokens) | "context" (cache full)
+    # "eos" | "stop" (a stop string) | "length" (max_new_tokens) | "context" (cache full) | Stream.stop's reason
+    finish_reason: str
     stats: Stats
 
 
 class Stream:
     """Iterate for text pieces as they are generated; `completion` is set when done."""
 
-    def __init__(self, steps: Iterator[str]):
-        self._steps = steps
+    def __init__(self, steps: Callable[[Stream], Iterator[str]]):
         self.completion: Completion | None = None
+        self.stop_reason: str | None = None
+        self._steps = steps(self)
 
     def __iter__(self) -> Iterator[str]:
         self.completion = yield from self._steps
 
-    def close(self) -> None:
-        """Stop generating (e.g. a cancelled request); the cache stays consistent."""
-        self._steps.close()
+    def stop(self, reason: str = "stopped") -> None:
+        """End generation after the current token (e.g. a cancelled request or a passed deadline).
+
+        Iteration then ends, possibly after one last piece of held-back text, and `completion`
+        holds the text so far, its usage and timings, with `reason` as its finish reason.
+        """
+        self.stop_reason = reason
 
 
 class Model:
@@ -296,7 +302,7 @@ class Model:
         ids = self.encode(prompt)
         stats.tokenize_s = time.perf_counter() - t0
         self._check_fits(len(ids))
-        return Stream(self._generate(ids, cfg, max_new, list(stop), stats))
+        return Stream(lambda s: self._generate(ids, cfg, max_new, list(stop), stats, s))
 
     def generate(self, prompt: str | Sequence[dict], **kwargs) -> Completion:
         """Generate from `prompt` and return the whole completion; takes the same settings as stream()."""
@@ -307,7 +313,7 @@ class Model:
         return s.completion
 
     def _generate(
-        self, ids: list[int], cfg: SamplingConfig, max_new: int, stop: list[str], stats: Stats
+        self, ids: list[int], cfg: SamplingConfig, max_new: int, stop: list[str], stats: Stats, stream: Stream
     ) -> Iterator[str]:
         rng = np.random.default_rng(cfg.seed)
         stats.prompt_tokens = len(ids)
@@ -346,6 +352,9 @@ class Model:
             if ready > emitted:
                 yield text[emitted:ready]
                 emitted = ready
+            if stream.stop_reason:
+                finish = stream.stop_reason
+                break
             if len(out) >= max_new:
                 break
             if self.prefix_length + len(self._cached_ids) + 1 >= self.context_length:

@@ -33,7 +33,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgekit.device import sysinfo
 from edgekit.device.chat import ChatFormatError
-from edgekit.device.generate import ContextLengthError, Model
+from edgekit.device.generate import Completion, ContextLengthError, Model
 from edgekit.device.mqtt import protocol as proto
 from edgekit.device.mqtt.connection import BrokerConfig, make_connection
 from edgekit.device.mqtt.journal import Journal
@@ -267,7 +267,7 @@ class Service:
         seen = self.journal.lookup(*key)
         if seen is not None:
             # QoS 1 may deliver a request twice, and clients repeat requests they got no answer to
-            state, final = seen
+            _, final = seen
             self.counts["duplicates"] += 1
             if final is not None:
                 self._out.put(_Outgoing(response_topic, final, key[1]))
@@ -340,7 +340,7 @@ class Service:
         r, key = job.request, job.key
         started = time.time()
         if self._is_cancelled(key):
-            return self._finish_done(job, "", "cancelled", started)
+            return self._finish_done(job, started, None)
         if job.expires is not None and started >= job.expires:
             return self._finish_error(key, proto.EXPIRED, "the request expired while it waited in the queue")
         self.journal.mark_running(*key)
@@ -357,38 +357,35 @@ class Service:
         cutoff = started + self.limits.request_s
         if r.deadline is not None:
             cutoff = min(cutoff, r.deadline)
-        pieces: list[str] = []
-        reason = None
+        chunks = 0
         for piece in stream:
-            pieces.append(piece)
             if r.stream:
-                self._out.put(_Outgoing(key[0], proto.chunk(len(pieces) - 1, piece), key[1]))
-            if self._is_cancelled(key):
-                reason = "cancelled"
-            elif time.time() >= cutoff:
-                reason = "deadline"
-            if reason:
-                stream.close()
-                break
-        self._finish_done(job, "".join(pieces), reason, started, stream.completion, len(pieces) if r.stream else 0)
+                self._out.put(_Outgoing(key[0], proto.chunk(chunks, piece), key[1]))
+                chunks += 1
+            if stream.stop_reason is None:
+                if self._is_cancelled(key):
+                    stream.stop("cancelled")
+                elif time.time() >= cutoff:
+                    stream.stop("deadline")
+        self._finish_done(job, started, stream.completion, chunks)
 
     def _is_cancelled(self, key) -> bool:
         with self._lock:
             return key in self._cancelled
 
-    def _finish_done(self, job: _Job, text: str, reason: str | None, started: float, completion=None,
-                     chunks: int = 0) -> None:
+    def _finish_done(self, job: _Job, started: float, completion: Completion | None, chunks: int = 0) -> None:
+        """Send the final message; no completion means the request was cancelled before it started."""
         end = time.time()
         timing = {"queue_s": round(started - job.received, 4), "total_s": round(end - started, 4)}
-        usage = {}
+        text, reason, usage = "", "cancelled", {}
         if completion is not None:
             s = completion.stats
-            text, reason = completion.text, reason or completion.finish_reason
+            text, reason = completion.text, completion.finish_reason
             usage = {"prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens,
                      "completion_tokens": len(completion.token_ids)}
             timing.update(ttft_s=round(s.time_to_first_token_s, 4), prefill_s=round(s.prefill_s, 4),
                           decode_tokens_per_s=round(s.decode_tokens_per_s, 1))
-        final = proto.done(chunks, text, reason or "cancelled", self.device_id, usage, timing)
+        final = proto.done(chunks, text, reason, self.device_id, usage, timing)
         oid = self.journal.finish(*job.key, final)
         self.counts["served"] += 1
         self._out.put(_Outgoing(job.key[0], final, job.key[1], outbox_id=oid))
