@@ -7,10 +7,11 @@ release than edgekit's export extra (see setup_peer_llmcompressor.sh):
 
 MODEL_DIR is a Hugging Face folder (run.py writes SmolLM2's), CALIB_IDS.npy the (N, L)
 int64 calibration windows edgekit itself calibrates on. The GPTQ settings match edgekit's
-gptq4 row: int4, asymmetric, groups of 128, static act-order, dampening 0.01, lm_head left
-alone. OUT.npz gets, per Linear, its integer codes in [0, 15] and the scales and zero
-points of each group, which run.py packs into the very MatMulNBits graph edgekit builds,
-so the two rows differ only in how the codes were chosen.
+defaults: int4, asymmetric, static act-order, dampening 0.01, lm_head left alone; groups
+of --group-size (run.py passes 64: llm-compressor cannot do 128 on SmolLM2's 576 inputs).
+OUT.npz gets, per Linear, its integer codes in [0, 15] and the scales and zero points of
+each group, which run.py packs into the very MatMulNBits graph edgekit builds, so the two
+rows differ only in how the codes were chosen.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main() -> None:
                                group_size=args.group_size, actorder="static")
     recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                           ignore=["lm_head"], dampening_frac=args.damp, block_size=128,
-                          bypass_divisibility_checks=True)  # K = 576 is 4.5 groups of 128; MatMulNBits pads the last
+                          bypass_divisibility_checks=True)  # a partial last group; at 128 it still fails
     t = time.perf_counter()
     oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=ids.shape[1],
             num_calibration_samples=len(ids), shuffle_calibration_samples=False)

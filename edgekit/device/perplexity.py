@@ -67,7 +67,10 @@ def perplexity(model: Model, text: str, window: int | None = None, max_tokens: i
     """Perplexity of `model` on `text` over non-overlapping `window`-token windows
     (default: DEFAULT_WINDOW, or the bundle's whole context when that is shorter)."""
     room = model.context_length - model.prefix_length
-    window = window or min(DEFAULT_WINDOW, room)
+    if window is None:
+        window = min(DEFAULT_WINDOW, room)
+    if window < 2:
+        raise EvalTextError("--window must be at least 2")
     if window > room:
         raise EvalTextError(f"window {window} exceeds the bundle's context length ({room}); use a smaller --window")
     ids = model.tokenizer.encode(text, add_special_tokens=False).ids

@@ -201,8 +201,9 @@ def _check_no_quant_flags(options: ExportOptions) -> None:
     given = [flag(k) for k in knobs if getattr(options, k) is not None]
     given += ["--sym"] if options.sym else []
     if given:
-        raise ExportError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} when quantizing; add --quant rtn, gptq, awq or smoothquant "
-                          "(or drop them for an fp32 bundle)")
+        verb = "apply" if len(given) > 1 else "applies"
+        raise ExportError(f"{', '.join(given)} only {verb} when quantizing; add --quant rtn, gptq, awq or "
+                          "smoothquant (or drop them for an fp32 bundle)")
 
 
 def _check_out(out: Path) -> None:
