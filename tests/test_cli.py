@@ -83,3 +83,10 @@ def test_export_the_shipped_gguf_by_path_gives_the_same_bundle(smollm2_bundle, t
     r = edgekit("generate", tmp_path / "b", "--chat", "What is a Raspberry Pi?", "--max-new-tokens", "24")
     assert r.returncode == 0, r.stderr
     assert "Raspberry Pi" in r.stdout or "computer" in r.stdout.lower()
+
+
+def test_version_is_the_package_version():
+    from edgekit import __version__
+
+    r = edgekit("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"edgekit {__version__}"

@@ -24,7 +24,7 @@ def hf_logits_with_cache(model, prompt_ids: list[int], steps: list[int]) -> list
         result = [out.logits[0].numpy()]
         past = out.past_key_values
         for tok in steps:
-            out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            out = model(torch.tensor([[tok]]), cache=past, use_cache=True)
             past = out.past_key_values
             result.append(out.logits[0, -1].numpy())
     return result

@@ -547,7 +547,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
         matplotlib.use("Agg")  # no display on a device
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PlotUnavailable("the plot needs matplotlib: pip install 'edgekit[plot]'") from None
+        raise PlotUnavailable("the plot needs matplotlib: pip install matplotlib") from None
     results = report["results"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in results:

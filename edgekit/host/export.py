@@ -10,6 +10,7 @@ half-written.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -113,6 +114,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     try:
         write_bundle(tmp, loaded, arch, model_proto, options, quantization=quant_record,
                      adapters=adapter_records, prefix=prefix)
+        _apply_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -210,6 +212,16 @@ def _check_out(out: Path) -> None:
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).exists())):
         raise ExportError(f"{out} exists and is not a bundle; choose another --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give the bundle the permissions of a folder the user made: mkdtemp makes it 0700 and some
+    writers 0600, which a service user (or a copy to the device) could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~mask)
 
 
 def _stderr(msg: str) -> None:
