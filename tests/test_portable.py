@@ -15,11 +15,9 @@ import torch
 from test_parity import ATOL, PROMPT, check_parity
 
 from edgekit.device import Model
-from edgekit.host import ExportOptions, export
-from edgekit.host.graph import build_decoder
-from edgekit.host.graph_portable import build_portable
-from edgekit.host.load import architecture, fp32_weights, rotary_tables
-from edgekit.host.quant.nbits import concat_rows
+from edgekit.host import ExportOptions, export, graph
+from edgekit.host.families import family_of
+from edgekit.host.load import fp32_weights
 from edgekit.host.quant.rtn import QuantSpec, rtn
 from edgekit.host.target_fit import set_accuracy_level
 
@@ -63,18 +61,16 @@ def test_portable_generates_the_same_text_as_fused_on_a_tiny_model(make_tiny, tm
     assert again.token_ids == fused.generate(PROMPT + " again", max_new_tokens=4, temperature=0.0).token_ids
 
 
-def _quantized_weights(model, arch, spec: QuantSpec) -> dict:
-    """Every Linear of `model` as RTN MatMulNBits weights, q/k/v packed (as host/quant packs them)."""
-    weights = fp32_weights(model, arch.tie_word_embeddings)
+def _quantized_decoder(model, spec: QuantSpec):
+    """`model` described for the graph with every Linear of its layers as RTN MatMulNBits weights."""
+    family = family_of(model)
+    arch = family.architecture(64)
+    weights = fp32_weights(model)
     for i in range(arch.num_layers):
-        p = f"model.layers.{i}"
-        qkv = [rtn(torch.from_numpy(weights[f"{p}.self_attn.{k}_proj.weight"]), spec) for k in "qkv"]
-        weights[f"{p}.self_attn.qkv_proj.weight"] = concat_rows(qkv)
-        for k, w in zip("qkv", qkv):
-            weights[f"{p}.self_attn.{k}_proj.weight"] = w
-        for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-            weights[f"{p}.{name}.weight"] = rtn(torch.from_numpy(weights[f"{p}.{name}.weight"]), spec)
-    return weights
+        for path in family.linears:
+            name = f"{family.decoder_layers}.{i}.{path}.weight"
+            weights[name] = rtn(torch.from_numpy(weights[name]), spec)
+    return arch, family.describe(weights, arch)
 
 
 def _prefill_logits(model: onnx.ModelProto, arch, ids: np.ndarray, portable: bool) -> np.ndarray:
@@ -98,13 +94,11 @@ def _prefill_logits(model: onnx.ModelProto, arch, ids: np.ndarray, portable: boo
 @pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)], ids=["int4-sym", "int4-zero-points", "int8"])
 def test_blocked_dequantize_linear_matches_matmulnbits(make_tiny, bits, sym):
     _, hf = make_tiny("llama", tie_word_embeddings=False)
-    arch = architecture(hf, 64)
-    weights = _quantized_weights(hf, arch, QuantSpec(bits=bits, group_size=32, sym=sym))
-    tables = rotary_tables(hf, arch.context_length)
+    arch, decoder = _quantized_decoder(hf, QuantSpec(bits=bits, group_size=32, sym=sym))
 
-    fused = build_decoder(arch, weights, *tables)
+    fused = graph.build(decoder, "fused")
     set_accuracy_level(fused, 1)  # fp32 compute: the same arithmetic as DequantizeLinear + MatMul
-    portable = build_portable(arch, weights, *tables)
+    portable = graph.build(decoder, "portable")
     dq = [n for n in portable.graph.node if n.op_type == "DequantizeLinear"]
     assert dq and all(n.domain == "" for n in portable.graph.node)
     assert {a.name: a.i for a in dq[0].attribute}["block_size"] == 32

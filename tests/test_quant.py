@@ -18,6 +18,7 @@ import torch
 
 from edgekit.device import Model
 from edgekit.host import ExportOptions, export
+from edgekit.host.families import family_of
 from edgekit.host.load import ExportError, load
 from edgekit.host.quant import layerwise
 from edgekit.host.quant.calibration import calibration_ids
@@ -86,11 +87,12 @@ def test_gptq_reconstructs_a_layer_better_than_rtn(make_tiny):
     folder, _ = make_tiny("llama", seed=3)
     loaded = load(folder)
     calib = calibration_ids(loaded.tokenizer, None, 8, 64, seed=0)
-    hidden, kwargs = layerwise.first_layer_inputs(loaded.model, calib.ids)
-    layer = loaded.model.model.layers[0]
-    feats, _ = layerwise.linear_inputs(layer, hidden, kwargs)
+    family = family_of(loaded.model)
+    layer = loaded.model.get_submodule(family.decoder_layers)[0]
+    hidden, kwargs = layerwise.first_layer_inputs(loaded.model, layer, calib.ids)
+    feats, _ = layerwise.linear_inputs(layer, layerwise.inputs_of(family.linears), hidden, kwargs)
     spec = QuantSpec(4, 32, sym=False)
-    for path, key in layerwise.LINEARS.items():
+    for path, key in family.linears.items():
         w = layer.get_submodule(path).weight.data
         x = feats[key].reshape(-1, w.shape[1])
 
@@ -161,8 +163,8 @@ def test_method_that_cannot_apply_is_refused(make_tiny):
     folder, _ = make_tiny("llama")
     model = load(folder).model
     del model.model.layers[0].mlp.gate_proj  # not a Llama MLP any more
-    with pytest.raises(ExportError, match="awq cannot apply to llama: its layers have no mlp.gate_proj"):
-        check_applicable(model, "awq")
+    with pytest.raises(ExportError, match="awq cannot apply to this llama model: its layers have no mlp.gate_proj"):
+        check_applicable(family_of(model), "awq")
 
 
 def test_calibration_from_jsonl_is_seeded(smol_tokenizer, tmp_path):

@@ -16,8 +16,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from edgekit.host.graph import Graph
-from edgekit.host.quant.nbits import NBitsWeight, W8A8Weight, concat_rows
+from edgekit.host.graph.fused import Fused
+from edgekit.host.graph.proto import Graph
+from edgekit.host.quant.nbits import NBitsWeight, W8A8Weight
 from edgekit.host.quant.rtn import QuantSpec, quantize_dequantize, rtn
 from edgekit.host.quant.w8a8 import quantize_w8a8
 
@@ -26,7 +27,7 @@ REL_TOL = 3e-2
 
 def run_one_node(weight, x: np.ndarray) -> np.ndarray:
     g = Graph()
-    y = weight.emit(g, "/test/proj", "x")
+    y = Fused(g, decoder=None).matmul("/test/proj", "x", weight)  # the operator the fused graph emits
     n = weight.out_features
     graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
                               [helper.make_tensor_value_info(y, TensorProto.FLOAT, [*x.shape[:-1], n])],
@@ -59,11 +60,11 @@ def test_matmulnbits_kernel_matches_dequantized_weight(bits, group_size, sym, k)
     assert np.abs(w_hat - w.numpy()).max() <= q.scales.max() * (0.5 if not sym else 1.0) + 1e-6
 
 
-def test_concat_rows_keeps_each_weights_scales():
+def test_stacked_rows_keep_each_weights_scales():
     torch.manual_seed(1)
     ws = [torch.randn(n, 128) * (i + 1) for i, n in enumerate((64, 32, 32))]
     spec = QuantSpec(4, 32, False)
-    packed = concat_rows([rtn(w, spec) for w in ws])
+    packed = NBitsWeight.stack([rtn(w, spec) for w in ws])
     x = np.random.default_rng(1).standard_normal((3, 128)).astype(np.float32)
     want = np.concatenate([x @ rtn(w, spec).dequantize().T for w in ws], axis=-1)
     assert rel_err(run_one_node(packed, x), want) < REL_TOL

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from edgekit.device.bundle import sha256_file
-from edgekit.host.load import ExportError, LoadedModel
+from edgekit.errors import ExportError
+from edgekit.host.load import LoadedModel
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from edgekit.device import chat as device_chat
-from edgekit.host.load import ExportError
+from edgekit.errors import ExportError
 
 PROBES = [
     ["user"],

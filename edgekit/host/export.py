@@ -24,11 +24,11 @@ import onnx
 
 import edgekit
 from edgekit.device.bundle import MANIFEST, Manifest, write_manifest
-from edgekit.host import chat_format
+from edgekit.errors import ExportError
+from edgekit.host import chat_format, graph
 from edgekit.host.adapters import apply_adapters
-from edgekit.host.graph import OPSET, build_decoder
-from edgekit.host.graph_portable import build_portable
-from edgekit.host.load import ExportError, LoadedModel, architecture, fp32_weights, load, rotary_tables, sliding_window
+from edgekit.host.families import family_of
+from edgekit.host.load import LoadedModel, fp32_weights, load
 from edgekit.host.target_fit import check_target_fit, graph_manifest, resolve_target, set_accuracy_level
 
 # The device profile used until targets/ profiles are chosen explicitly.
@@ -89,19 +89,21 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     t = time.perf_counter()
     flavour = options.target.get("graph_flavour", "fused")
     say(f"[2/3] building the {flavour} ONNX graph")
-    arch = architecture(loaded.model, options.context_length)
-    weights = fp32_weights(loaded.model, arch.tie_word_embeddings)
+    family = family_of(loaded.model)
+    arch = family.architecture(options.context_length)
+    weights = fp32_weights(loaded.model)
     quant_record = None
     if quantizing:
         from edgekit.host.quant import quantize  # imported only when asked for
 
         tq = time.perf_counter()
         say(f"      quantizing: {options.quant}")
-        weights, quant_record = quantize(loaded, arch, weights, options, say)
+        weights, quant_record = quantize(loaded, family, arch, weights, options, say)
         say(f"      quantized ({time.perf_counter() - tq:.1f}s)")
-    model_proto = (build_portable if flavour == "portable" else build_decoder)(arch, weights,
-                                *rotary_tables(loaded.model, arch.context_length),
-                                sliding_window=sliding_window(loaded.model, arch.context_length))
+    decoder = family.describe(weights, arch)
+    model_proto = graph.build(decoder, flavour)
+    if prefix is not None and decoder.head_order is not None:  # the cache holds keys in the graph's head order
+        prefix[:, 0] = prefix[:, 0][..., decoder.head_order]
     if "matmulnbits_accuracy_level" in options.target:  # the compute type that suits the target's ISA
         set_accuracy_level(model_proto, options.target["matmulnbits_accuracy_level"])
     say(f"      {len(model_proto.graph.node)} nodes, context length {arch.context_length} "
@@ -143,7 +145,7 @@ def write_bundle(folder: Path, loaded: LoadedModel, arch, model_proto: onnx.Mode
         target=options.target,
         graph={
             "flavour": "fused",
-            "opset": OPSET,
+            "opset": graph.OPSET,
             "opset_com_microsoft": 1,
             "kv_layout": "BNSH",
             "past_present_share_buffer": True,

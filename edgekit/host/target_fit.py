@@ -11,7 +11,7 @@ import onnx
 from onnx import helper
 
 from edgekit.device.bundle import Architecture
-from edgekit.host.load import ExportError
+from edgekit.errors import ExportError
 
 
 def graph_manifest(model: onnx.ModelProto, flavour: str) -> dict:

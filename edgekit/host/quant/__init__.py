@@ -32,12 +32,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from edgekit.host.load import ExportError
+from edgekit.errors import ExportError
 from edgekit.host.quant import awq as awq_
 from edgekit.host.quant import layerwise
 from edgekit.host.quant.calibration import calibration_ids
 from edgekit.host.quant.gptq import GPTQConfig, gptq, hessian, single_thread
-from edgekit.host.quant.nbits import ACCURACY_LEVEL_INT8, W8A8Weight, concat_rows, concat_w8a8, split_rows
+from edgekit.host.quant.nbits import ACCURACY_LEVEL_INT8
 from edgekit.host.quant.rtn import QuantSpec, rtn
 from edgekit.host.quant.smoothquant import DEFAULT_ALPHA, smooth
 from edgekit.host.quant.w8a8 import quantize_w8a8
@@ -100,35 +100,39 @@ def resolve(options) -> dict:
             "awq": awq_.AWQConfig(n_grid=awq_grid)}
 
 
-def check_applicable(model, method: str) -> None:
-    """Every method here works on Llama-family layers: RMSNorm -> q/k/v, RMSNorm -> gate/up -> down."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ExportError(f"{method} cannot apply to {type(model).__name__}: it has no model.layers decoder stack")
-    needed = [*layerwise.LINEARS, "input_layernorm", "post_attention_layernorm"]
+def check_applicable(family, method: str) -> None:
+    """The family's layers have the modules its quantization description names."""
+    model = family.model
+    try:
+        layer = model.get_submodule(f"{family.decoder_layers}.0")
+    except AttributeError:
+        raise ExportError(f"{method} cannot apply to {type(model).__name__}: it has no decoder layers at "
+                          f"{family.decoder_layers}") from None
+    needed = [*family.linears, *(g.prev for g in family.scale_groups)]
     for path in needed:
         try:
-            layers[0].get_submodule(path)
+            layer.get_submodule(path)
         except AttributeError:
-            raise ExportError(f"{method} cannot apply to {model.config.model_type}: its layers have no {path} "
-                              "(expected the Llama layout: input_layernorm, self_attn.q/k/v/o_proj, "
-                              "post_attention_layernorm, mlp.gate/up/down_proj)") from None
+            raise ExportError(f"{method} cannot apply to this {model.config.model_type} model: its layers have no "
+                              f"{path} (edgekit's {type(family).__name__} family expects "
+                              f"{', '.join(family.linears)})") from None
 
 
-def quantize(loaded, arch, weights: dict, options, say: Callable[[str], None]) -> tuple[dict, dict | None]:
-    """Quantize the decoder's Linears of `loaded.model` as `options` asks.
+def quantize(loaded, family, arch, weights: dict, options, say: Callable[[str], None]) -> tuple[dict, dict | None]:
+    """Quantize the decoder's Linears of `loaded.model` (walked as `family` describes them) as
+    `options` asks.
 
-    Returns the weights for graph.build_decoder (quantized entries are nbits objects; q/k/v
-    also packed as `...self_attn.qkv_proj.weight`) and the manifest's `quantization` record.
-    With no method, returns `weights` unchanged and None. The model's own parameters are
-    replaced (never changed in place) by their quantized values, so `weights` stays fp32.
+    Returns the weights for family.describe (quantized Linears are nbits objects, keyed by their
+    state_dict names) and the manifest's `quantization` record. With no method, returns
+    `weights` unchanged and None. The model's own parameters are replaced (never changed in
+    place) by their quantized values, so `weights` stays fp32.
     """
     if options.quant in (None, "none"):
         return weights, None
     cfg = resolve(options)
     method = cfg["method"]
     model = loaded.model
-    check_applicable(model, method)
+    check_applicable(family, method)
     spec = QuantSpec(cfg["bits"], cfg["group_size"], cfg["sym"])
     t0 = time.perf_counter()
     torch.manual_seed(options.seed)
@@ -138,30 +142,31 @@ def quantize(loaded, arch, weights: dict, options, say: Callable[[str], None]) -
         calib = calibration_ids(loaded.tokenizer, options.calib, cfg["samples"], cfg["seq_len"], options.seed)
         say(f"      calibration: {cfg['samples']} x {cfg['seq_len']} tokens from {calib.source}")
 
-    layers = model.model.layers
+    layers = model.get_submodule(family.decoder_layers)
+    inputs = layerwise.inputs_of(family.linears)
     out = dict(weights)
-    hidden, kwargs = (None, None) if calib is None else layerwise.first_layer_inputs(model, calib.ids)
+    hidden, kwargs = (None, None) if calib is None else layerwise.first_layer_inputs(model, layers[0], calib.ids)
     gptq_config, awq_config, alpha = cfg["gptq"], cfg["awq"], cfg["alpha"]
     for i, layer in enumerate(layers):
         t = time.perf_counter()
-        feats, fp_out = (None, None) if hidden is None else layerwise.linear_inputs(layer, hidden, kwargs)
+        feats, fp_out = (None, None) if hidden is None else layerwise.linear_inputs(layer, inputs, hidden, kwargs)
         if method == "rtn":
-            quantized = {path: rtn(layer.get_submodule(path).weight.data, spec) for path in layerwise.LINEARS}
+            quantized = {path: rtn(layer.get_submodule(path).weight.data, spec) for path in family.linears}
         elif method == "gptq":
-            quantized = _gptq_layer(layer, feats, spec, gptq_config)
+            quantized = _gptq_layer(layer, family, feats, spec, gptq_config)
         elif method == "awq":
             with single_thread():  # many small ops per grid point (see gptq.single_thread): 6x faster measured
-                quantized = _awq_layer(layer, feats, kwargs, spec, awq_config)
+                quantized = _awq_layer(layer, family, feats, kwargs, spec, awq_config)
         elif method == "smoothquant":
-            _smooth_layer(layer, feats, alpha)
+            _smooth_layer(layer, family, feats, alpha)
             quantized = {path: quantize_w8a8(layer.get_submodule(path).weight.data, "per_token")
-                         for path in layerwise.LINEARS}
+                         for path in family.linears}
         else:  # w8a8 without smoothing, activations per tensor: the baseline of the SmoothQuant paper
             quantized = {path: quantize_w8a8(layer.get_submodule(path).weight.data, "per_tensor")
-                         for path in layerwise.LINEARS}
+                         for path in family.linears}
         for path, q in quantized.items():  # the layer as the device will run it
             layer.get_submodule(path).weight.data = torch.from_numpy(q.dequantize().copy())
-        store_layer(out, f"model.layers.{i}", layer, quantized)
+        store_layer(out, f"{family.decoder_layers}.{i}", layer, quantized)
         if hidden is not None:
             del feats
             # GPTQ: the next layer sees this one quantized; AWQ and SmoothQuant: the fp32 outputs
@@ -169,7 +174,7 @@ def quantize(loaded, arch, weights: dict, options, say: Callable[[str], None]) -
         say(f"      layer {i + 1}/{len(layers)} {method} ({time.perf_counter() - t:.1f}s)")
 
     head = cfg["lm_head"]
-    store_embeddings(out, weights, head)
+    store_embeddings(out, weights, family, head)
     record = {
         "method": method,
         "weights": f"int{cfg['bits']}",
@@ -193,75 +198,77 @@ def quantize(loaded, arch, weights: dict, options, say: Callable[[str], None]) -
     elif method == "awq":
         record.update(n_grid=awq_config.n_grid, search_tokens=awq_config.search_tokens, clip=awq_config.clip)
     elif method == "smoothquant":
-        record.update(alpha=alpha, smoothed="input_layernorm->qkv, post_attention_layernorm->gate/up, "
-                                                    "up_proj->down_proj")
+        record.update(alpha=alpha, smoothed=", ".join(f"{g.prev}->{'/'.join(g.linears)}"
+                                                     for g in family.scale_groups))
     return out, record
 
 
-def _gptq_layer(layer, feats: dict, spec: QuantSpec, config: GPTQConfig) -> dict:
+def _gptq_layer(layer, family, feats: dict, spec: QuantSpec, config: GPTQConfig) -> dict:
     """GPTQ treats rows independently given the Hessian of their input, so the Linears that
     share an input (q/k/v, gate/up) run as one stacked weight: one column loop instead of three."""
     quantized = {}
-    for key in layerwise.INPUT_OF:
-        paths = [p for p, k in layerwise.LINEARS.items() if k == key]
+    for key, paths in layerwise.readers(family.linears).items():
         ws = [layer.get_submodule(p).weight.data for p in paths]
         q = gptq(torch.cat(ws), hessian(feats[key]), spec, config)
-        quantized.update(zip(paths, split_rows(q, [w.shape[0] for w in ws])))
+        r = np.cumsum([0] + [w.shape[0] for w in ws])
+        quantized.update({p: q.take_rows(np.arange(r[j], r[j + 1])) for j, p in enumerate(paths)})
     return quantized
 
 
-def _awq_layer(layer, feats: dict, kwargs: dict, spec: QuantSpec, config) -> dict:
+def _scale_groups(layer, family, feats: dict) -> list[tuple]:
+    """The family's scale groups as (prev module, Linears, their input) that apply to this layer:
+    a Linear feeding Linears needs its output rows to be their input channels (not so for v_proj
+    and o_proj under grouped-query attention)."""
+    groups = []
+    for sg in family.scale_groups:
+        prev, fcs = layer.get_submodule(sg.prev), [layer.get_submodule(p) for p in sg.linears]
+        if isinstance(prev, torch.nn.Linear) and prev.out_features != fcs[0].in_features:
+            continue
+        groups.append((sg, prev, fcs, feats[family.linears[sg.linears[0]]]))
+    return groups
+
+
+def _awq_layer(layer, family, feats: dict, kwargs: dict, spec: QuantSpec, config) -> dict:
     """Scale search and apply, then clip search, then RTN of the scaled, clipped weights."""
-    attn, mlp = layer.self_attn, layer.mlp
-    groups = [awq_.ScaleGroup(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], feats["attn_in"],
-                              layerwise.attention_block(layer, kwargs))]
-    if attn.v_proj.weight.shape == attn.o_proj.weight.shape:  # no GQA: v's rows are o's input channels
-        groups.append(awq_.ScaleGroup(attn.v_proj, [attn.o_proj], feats["o_in"], attn.o_proj))
-    groups.append(awq_.ScaleGroup(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], feats["mlp_in"], mlp))
-    groups.append(awq_.ScaleGroup(mlp.up_proj, [mlp.down_proj], feats["down_in"], mlp.down_proj))
     inputs = {}
-    for group in groups:
+    for sg, prev, fcs, x in _scale_groups(layer, family, feats):
+        group = awq_.ScaleGroup(prev, fcs, x, layerwise.scorer(layer, sg.scored, kwargs), family.norm_offset)
         awq_.apply_scale(group, awq_.search_scale(group, spec, config))
-        for fc in group.linears:
+        for fc in fcs:
             inputs[fc] = group.x
-    inputs.setdefault(attn.o_proj, feats["o_in"])
     quantized = {}
-    for path in layerwise.LINEARS:
+    for path, key in family.linears.items():
         fc = layer.get_submodule(path)
         w = fc.weight.data
-        if config.clip and path not in ("self_attn.q_proj", "self_attn.k_proj"):
-            x = inputs[fc]
+        if config.clip and path not in family.no_clip:
+            x = inputs.get(fc, feats[key])
             w = awq_.search_clip(w, x.reshape(-1, x.shape[-1]), spec, config)
         quantized[path] = rtn(w, spec)
     return quantized
 
 
-def _smooth_layer(layer, feats: dict, alpha: float) -> None:
-    attn, mlp = layer.self_attn, layer.mlp
-
+def _smooth_layer(layer, family, feats: dict, alpha: float) -> None:
     def act_max(x: torch.Tensor) -> torch.Tensor:
         return x.abs().reshape(-1, x.shape[-1]).amax(0)
 
-    smooth(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], act_max(feats["attn_in"]), alpha)
-    smooth(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], act_max(feats["mlp_in"]), alpha)
-    smooth(mlp.up_proj, [mlp.down_proj], act_max(feats["down_in"]), alpha)
+    for sg, prev, fcs, x in _scale_groups(layer, family, feats):
+        if sg.smooth:
+            smooth(prev, fcs, act_max(x), alpha, family.norm_offset)
 
 
 def store_layer(out: dict, p: str, layer, quantized: dict) -> None:
-    """Put layer `p`'s entries for graph.build_decoder into `out`: quantized Linears, q/k/v
-    packed, and the (possibly rescaled) norms and biases as fresh fp32 copies."""
+    """Put layer `p`'s entries into `out`: the quantized Linears, and every other parameter (norms
+    and biases, possibly rescaled by AWQ or SmoothQuant) as a fresh fp32 copy."""
     for path, q in quantized.items():
         out[f"{p}.{path}.weight"] = q
-    qkv = [quantized[f"self_attn.{k}_proj"] for k in "qkv"]
-    out[f"{p}.self_attn.qkv_proj.weight"] = concat_w8a8(qkv) if isinstance(qkv[0], W8A8Weight) else concat_rows(qkv)
     for name, param in layer.named_parameters():
-        if name.endswith("norm.weight") or name.endswith(".bias"):
+        if name.removesuffix(".weight") not in quantized:
             out[f"{p}.{name}"] = param.detach().numpy().copy()
 
 
-def store_embeddings(out: dict, weights: dict, head_spec: QuantSpec = LM_HEAD[8]) -> None:
+def store_embeddings(out: dict, weights: dict, family, head_spec: QuantSpec = LM_HEAD[8]) -> None:
     """The embedding as float16 and the lm_head quantized by `head_spec` (see the module docstring)."""
-    embed = weights["model.embed_tokens.weight"]
-    head = weights.get("lm_head.weight", embed)  # absent when tied
-    out["lm_head.weight"] = rtn(torch.from_numpy(np.asarray(head)), head_spec)
-    out["model.embed_tokens.weight"] = np.asarray(embed).astype(np.float16)
+    embed = weights[f"{family.embed_tokens}.weight"]
+    head = weights.get(f"{family.lm_head}.weight", embed)  # absent when tied
+    out[f"{family.lm_head}.weight"] = rtn(torch.from_numpy(np.asarray(head)), head_spec)
+    out[f"{family.embed_tokens}.weight"] = np.asarray(embed).astype(np.float16)

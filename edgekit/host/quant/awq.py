@@ -43,10 +43,11 @@ class AWQConfig:
 
 @dataclass
 class ScaleGroup:
-    prev: torch.nn.Module  # RMSNorm or Linear whose output feeds `linears`
+    prev: torch.nn.Module  # the norm or Linear whose output feeds `linears`
     linears: list[torch.nn.Linear]
     x: torch.Tensor  # their input (N, L, K)
     block: Callable[[torch.Tensor], torch.Tensor]  # what the loss is measured on
+    norm_offset: float = 0.0  # a norm that multiplies by (offset + weight) (Gemma: 1)
 
 
 @torch.no_grad()
@@ -76,16 +77,28 @@ def search_scale(group: ScaleGroup, spec: QuantSpec, config: AWQConfig) -> torch
 @torch.no_grad()
 def apply_scale(group: ScaleGroup, s: torch.Tensor) -> None:
     """prev <- prev / s, linears <- W * s; the block computes exactly what it did."""
-    prev = group.prev
-    if isinstance(prev, torch.nn.Linear):  # its output rows are the next op's input channels
-        prev.weight.data = prev.weight.data / s[:, None]
-        if prev.bias is not None:
-            prev.bias.data = prev.bias.data / s
-    else:  # RMSNorm: y = x / rms(x) * weight
-        prev.weight.data = prev.weight.data / s
+    divide_output(group.prev, s, group.norm_offset)
     for fc in group.linears:
         fc.weight.data = fc.weight.data * s
     group.x = group.x / s
+
+
+@torch.no_grad()
+def divide_output(prev: torch.nn.Module, s: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """Divide the output channels of `prev` by s (K,), in place.
+
+        Linear      its output rows (and bias) are the next op's input channels
+        LayerNorm   y = norm(x) * weight + bias: both divided
+        RMSNorm     y = x / rms(x) * (offset + weight): offset + weight divided
+    """
+    if isinstance(prev, torch.nn.Linear):
+        prev.weight.data = prev.weight.data / s[:, None]
+    elif norm_offset:
+        prev.weight.data = (prev.weight.data + norm_offset) / s - norm_offset
+    else:
+        prev.weight.data = prev.weight.data / s
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.data = prev.bias.data / s
 
 
 @torch.no_grad()

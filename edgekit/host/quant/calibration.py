@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgekit.host.load import ExportError
+from edgekit.errors import ExportError
 
 DEFAULT_SOURCE = "pydoc_data.topics (CPython's bundled documentation)"
 

@@ -15,18 +15,22 @@ papers pass the fp32 outputs on: one run per layer.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-# The Linears of a Llama-family layer, and which shared input each one reads.
-LINEARS = {
-    "self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
-    "self_attn.o_proj": "o_in",
-    "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in",
-    "mlp.down_proj": "down_in",
-}
-# the module whose input is recorded for each shared input
-INPUT_OF = {"attn_in": "self_attn.q_proj", "o_in": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",
-            "down_in": "mlp.down_proj"}
+
+def readers(linears: dict[str, str]) -> dict[str, list[str]]:
+    """input key -> the Linears (module paths in a layer) that read it, in the family's order."""
+    out: dict[str, list[str]] = {}
+    for path, key in linears.items():
+        out.setdefault(key, []).append(path)
+    return out
+
+
+def inputs_of(linears: dict[str, str]) -> dict[str, str]:
+    """input key -> the module whose input is recorded for it (the first Linear that reads it)."""
+    return {key: paths[0] for key, paths in readers(linears).items()}
 
 
 class _Stop(Exception):
@@ -34,9 +38,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def first_layer_inputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The hidden states (N, L, hidden) entering layer 0 and the keyword arguments the model
-    passes to every layer (rotary cos/sin, mask), captured by stopping the model there."""
+def first_layer_inputs(model, first_layer, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The hidden states (N, L, hidden) entering `first_layer` and the keyword arguments the model
+    passes to every layer (rotary cos/sin, mask, ALiBi), captured by stopping the model there."""
     captured = {}
 
     def grab(module, args, kwargs):
@@ -44,14 +48,15 @@ def first_layer_inputs(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         captured["kwargs"] = kwargs
         raise _Stop
 
-    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        model.model(input_ids=ids, use_cache=False)
+        model(input_ids=ids, use_cache=False)
     except _Stop:
         pass
     finally:
         handle.remove()
-    kwargs = {k: v for k, v in captured["kwargs"].items() if k not in ("past_key_values", "use_cache", "hidden_states")}
+    kwargs = {k: v for k, v in captured["kwargs"].items()
+              if k not in ("past_key_values", "cache", "layer_past", "use_cache", "hidden_states")}
     return captured["hidden"], kwargs
 
 
@@ -73,12 +78,13 @@ def run_layer(layer, hidden: torch.Tensor, kwargs: dict, chunk: int = 8) -> torc
 
 
 @torch.no_grad()
-def linear_inputs(layer, hidden: torch.Tensor, kwargs: dict, chunk: int = 8) -> tuple[dict, torch.Tensor]:
-    """The inputs of the layer's Linears while it runs on `hidden`: {"attn_in", "o_in", "mlp_in",
-    "down_in"} -> (N, L, in_features), and the layer's output (N, L, hidden)."""
-    got: dict[str, list] = {k: [] for k in INPUT_OF}
+def linear_inputs(layer, inputs: dict[str, str], hidden: torch.Tensor, kwargs: dict,
+                  chunk: int = 8) -> tuple[dict, torch.Tensor]:
+    """The inputs of the layer's Linears while it runs on `hidden`: for each key of `inputs`
+    (inputs_of) -> (N, L, in_features), and the layer's output (N, L, hidden)."""
+    got: dict[str, list] = {k: [] for k in inputs}
     handles = [layer.get_submodule(path).register_forward_pre_hook(
-        lambda m, args, key=key: got[key].append(args[0].detach())) for key, path in INPUT_OF.items()]
+        lambda m, args, key=key: got[key].append(args[0].detach())) for key, path in inputs.items()]
     try:
         out = run_layer(layer, hidden, kwargs, chunk)
     finally:
@@ -87,11 +93,20 @@ def linear_inputs(layer, hidden: torch.Tensor, kwargs: dict, chunk: int = 8) -> 
     return {k: torch.cat(v) for k, v in got.items()}, out
 
 
-def attention_block(layer, kwargs: dict):
-    """x (S, L, hidden) -> self_attn(x) with the model's rotary cos/sin and mask, for AWQ's loss."""
-    def block(x: torch.Tensor) -> torch.Tensor:
+def scorer(layer, paths: tuple[str, ...], kwargs: dict):
+    """x (S, L, in) -> the sum of the outputs of the modules `paths` of `layer` run on x, for AWQ's
+    loss. A module whose forward takes more than x (attention: rotary cos/sin, mask, ALiBi) gets
+    those of the layer's keyword arguments it names."""
+    modules = [layer.get_submodule(p) for p in paths]
+    names = [set(inspect.signature(m.forward).parameters) for m in modules]
+
+    def score(x: torch.Tensor) -> torch.Tensor:
         kw = {k: v[: x.shape[0]] if isinstance(v, torch.Tensor) and v.dim() > 2 and v.shape[0] > 1 else v
               for k, v in kwargs.items()}  # a per-sample mask follows x's first samples
-        return layer.self_attn(hidden_states=x, position_embeddings=kw.get("position_embeddings"),
-                               attention_mask=kw.get("attention_mask"))[0]
-    return block
+        total = None
+        for module, accepts in zip(modules, names):
+            y = module(x, **{k: v for k, v in kw.items() if k in accepts})
+            y = y[0] if isinstance(y, tuple) else y
+            total = y if total is None else total + y
+        return total
+    return score

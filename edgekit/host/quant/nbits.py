@@ -19,6 +19,10 @@ Two layouts, one per operator:
 - W8A8: 8-bit weights (K, N) with a scale (and zero point) per output column, the
   activation quantized to 8 bits at run time: per tensor by DynamicQuantizeMatMul
   (com.microsoft), or per token by a few standard ops in front of MatMulInteger.
+
+These are numbers only: the graph flavours (host/graph/) emit the operators that read them.
+Both kinds support the row operations a family needs to rearrange q/k/v (take_rows, stack,
+scale_rows): every scale belongs to one output row, so rows move with their scales.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MS_DOMAIN = "com.microsoft"
 # Int8 inputs, int32 accumulation in MatMulNBits' CPU kernel (onnxruntime's ACCURACY_LEVEL Level4).
 ACCURACY_LEVEL_INT8 = 4
 
@@ -81,16 +84,30 @@ class NBitsWeight:
         zp = None if self.zeros is None else _pack_rows(self.zeros, self.bits).reshape(-1)
         return b, self.scales.astype(np.float32).reshape(-1), zp
 
-    def emit(self, g, name: str, x: str) -> str:
-        """x (..., K) ──► MatMulNBits ──► (..., N)"""
-        b, scales, zp = self.packed()
-        inputs = [x, g.const(f"{name}.weight_Q{self.bits}", b), g.const(f"{name}.weight_scales", scales)]
-        if zp is not None:
-            inputs.append(g.const(f"{name}.weight_zero_points", zp))
-        (y,) = g.op("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN,
-                    K=self.in_features, N=self.out_features, bits=self.bits, block_size=self.block_size,
-                    accuracy_level=self.accuracy_level)
-        return y
+    def take_rows(self, index: np.ndarray) -> NBitsWeight:
+        """The output rows `index`, with their own scales and zero points."""
+        zeros = None if self.zeros is None else self.zeros[index]
+        return NBitsWeight(self.codes[index], self.scales[index], zeros, self.bits, self.block_size,
+                           self.in_features, self.accuracy_level)
+
+    def scale_rows(self, factor: float | np.ndarray) -> NBitsWeight:
+        """The weight times `factor` per output row: only the scales change, so it is exact."""
+        f = np.asarray(factor, np.float32)
+        scales = self.scales * (f[:, None] if f.ndim else f)
+        return NBitsWeight(self.codes, scales.astype(np.float32), self.zeros, self.bits, self.block_size,
+                           self.in_features, self.accuracy_level)
+
+    @staticmethod
+    def stack(weights: list[NBitsWeight]) -> NBitsWeight:
+        """Stack along the output dimension (q, k, v -> qkv): the blocks are per row, so rows from
+        different weights keep their own scales."""
+        first = weights[0]
+        for w in weights[1:]:
+            assert (w.bits, w.block_size, w.in_features) == (first.bits, first.block_size, first.in_features)
+            assert (w.zeros is None) == (first.zeros is None)
+        zeros = None if first.zeros is None else np.concatenate([w.zeros for w in weights])
+        return NBitsWeight(np.concatenate([w.codes for w in weights]), np.concatenate([w.scales for w in weights]),
+                           zeros, first.bits, first.block_size, first.in_features, first.accuracy_level)
 
     @property
     def nbytes(self) -> int:
@@ -109,30 +126,6 @@ def _pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
     return (codes[:, 0::2] & 0x0F) | ((codes[:, 1::2] & 0x0F) << 4)
 
 
-def concat_rows(weights: list[NBitsWeight]) -> NBitsWeight:
-    """Stack quantized weights along the output dimension (q, k, v -> qkv_proj): the blocks
-    are per row, so rows from different weights keep their own scales."""
-    first = weights[0]
-    for w in weights[1:]:
-        assert (w.bits, w.block_size, w.in_features) == (first.bits, first.block_size, first.in_features)
-        assert (w.zeros is None) == (first.zeros is None)
-    zeros = None if first.zeros is None else np.concatenate([w.zeros for w in weights])
-    return NBitsWeight(np.concatenate([w.codes for w in weights]), np.concatenate([w.scales for w in weights]),
-                       zeros, first.bits, first.block_size, first.in_features, first.accuracy_level)
-
-
-def split_rows(weight: NBitsWeight, sizes: list[int]) -> list[NBitsWeight]:
-    """The inverse of concat_rows: consecutive row ranges of `sizes` rows each."""
-    assert sum(sizes) == weight.out_features, (sizes, weight.out_features)
-    out, r = [], 0
-    for n in sizes:
-        zeros = None if weight.zeros is None else weight.zeros[r:r + n]
-        out.append(NBitsWeight(weight.codes[r:r + n], weight.scales[r:r + n], zeros, weight.bits,
-                               weight.block_size, weight.in_features, weight.accuracy_level))
-        r += n
-    return out
-
-
 @dataclass
 class W8A8Weight:
     """A Linear weight (N, K) as symmetric int8 with a scale per output channel, run with
@@ -149,50 +142,18 @@ class W8A8Weight:
     def dequantize(self) -> np.ndarray:
         return self.codes.astype(np.float32) * self.scales[:, None]
 
-    def emit(self, g, name: str, x: str) -> str:
-        """The int8 codes are stored as uint8 with zero point 128. Why: on x86 without VNNI,
-        onnxruntime's u8 x s8 kernels sum pairs of products in int16 (vpmaddubsw), which
-        saturates for full-range int8 weights (measured: 7% output error on random data);
-        its u8 x u8 kernel widens to int32 first and is exact."""
-        n = self.out_features
-        w_u8 = g.const(f"{name}.weight_uint8", np.ascontiguousarray(
-            (self.codes.astype(np.int16) + 128).astype(np.uint8).T))  # (K, N)
-        w_scale = g.const(f"{name}.weight_scale", self.scales.astype(np.float32))
-        w_zero = g.const(f"{name}.weight_zero_point", np.full(n, 128, np.uint8))
-        if self.activations == "per_tensor":
-            # x (..., K) ──► DynamicQuantizeMatMul(x to uint8 with one scale, W per column) ──► (..., N)
-            (y,) = g.op("DynamicQuantizeMatMul", [x, w_u8, w_scale, w_zero], f"{name}/DynamicQuantizeMatMul",
-                        domain=MS_DOMAIN)
-            return y
-        assert self.activations == "per_token", self.activations
-        # one scale per token, symmetric, as uint8 around 128 (so the exact u8 x u8 kernel runs):
-        #
-        #   x ─► Abs ─► ReduceMax(K) ─► Div 127 ─► Max eps ──► s_x (..., 1) ───────────────┐
-        #   └──────────────────────────────────► Div s_x ─► Round ─► Add 128 ─► Clip ─► Cast u8
-        #                                        ─► MatMulInteger(W u8, zero points 128) ─► Cast f32 ─► Mul s_x ─► Mul s_w ─► y
-        k = f"{name}/act_quant"
-        (a,) = g.op("Abs", [x], f"{k}/Abs")
-        (m,) = g.op("ReduceMax", [a, g.const(f"{k}/axes", np.array([-1], np.int64))], f"{k}/ReduceMax", keepdims=1)
-        (s,) = g.op("Div", [m, g.const(f"{k}/qmax", np.array(127.0, np.float32))], f"{k}/Div")
-        (s,) = g.op("Max", [s, g.const(f"{k}/eps", np.array(1e-12, np.float32))], f"{k}/Max")  # an all-zero token
-        (q,) = g.op("Div", [x, s], f"{k}/Div_1")
-        (q,) = g.op("Round", [q], f"{k}/Round")
-        (q,) = g.op("Add", [q, g.const(f"{k}/offset", np.array(128.0, np.float32))], f"{k}/Add")
-        (q,) = g.op("Clip", [q, g.const(f"{k}/lo", np.array(1.0, np.float32)),
-                             g.const(f"{k}/hi", np.array(255.0, np.float32))], f"{k}/Clip")
-        (q,) = g.op("Cast", [q], f"{k}/Cast", to=2)  # uint8
-        (acc,) = g.op("MatMulInteger", [q, w_u8, g.const(f"{k}/zero_point", np.array(128, np.uint8)), w_zero],
-                      f"{name}/MatMulInteger")  # int32 (..., N)
-        (y,) = g.op("Cast", [acc], f"{name}/Cast", to=1)
-        (y,) = g.op("Mul", [y, s], f"{name}/Mul")
-        (y,) = g.op("Mul", [y, w_scale], f"{name}/Mul_1")
-        return y
+    def take_rows(self, index: np.ndarray) -> W8A8Weight:
+        return W8A8Weight(self.codes[index], self.scales[index], self.activations)
+
+    def scale_rows(self, factor: float | np.ndarray) -> W8A8Weight:
+        f = np.asarray(factor, np.float32)
+        return W8A8Weight(self.codes, (self.scales * f).astype(np.float32), self.activations)
+
+    @staticmethod
+    def stack(weights: list[W8A8Weight]) -> W8A8Weight:
+        return W8A8Weight(np.concatenate([w.codes for w in weights]), np.concatenate([w.scales for w in weights]),
+                          weights[0].activations)
 
     @property
     def nbytes(self) -> int:
         return self.codes.nbytes + self.scales.nbytes
-
-
-def concat_w8a8(weights: list[W8A8Weight]) -> W8A8Weight:
-    return W8A8Weight(np.concatenate([w.codes for w in weights]), np.concatenate([w.scales for w in weights]),
-                      weights[0].activations)

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import torch
 
+from edgekit.host.quant.awq import divide_output
+
 DEFAULT_ALPHA = 0.5
 
 
 @torch.no_grad()
 def smooth(prev: torch.nn.Module, linears: list[torch.nn.Linear], act_max: torch.Tensor,
-           alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
+           alpha: float = DEFAULT_ALPHA, norm_offset: float = 0.0) -> torch.Tensor:
     """Migrate activation range into `linears` and out of `prev`; returns s (K,).
 
     `act_max` (K,) is max |x_j| over the calibration tokens of the linears' shared input.
@@ -37,12 +39,7 @@ def smooth(prev: torch.nn.Module, linears: list[torch.nn.Linear], act_max: torch
     assert all(fc.in_features == k for fc in linears), "the linears must share their input"
     w_max = torch.cat([fc.weight.abs() for fc in linears]).amax(0).clamp(min=1e-5)  # (K,)
     s = (act_max.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
-    if isinstance(prev, torch.nn.Linear):  # rows of the producing Linear
-        prev.weight.data = prev.weight.data / s[:, None]
-        if prev.bias is not None:
-            prev.bias.data = prev.bias.data / s
-    else:  # RMSNorm weight
-        prev.weight.data = prev.weight.data / s
+    divide_output(prev, s, norm_offset)
     for fc in linears:
         fc.weight.data = fc.weight.data * s
     return s

@@ -1,0 +1,32 @@
+"""Model families: one small file each, saying only what differs from Llama (llama.py).
+
+    transformers model ──► family.describe(weights, arch) ──► host/decoder.py Decoder ──► host/graph/
+
+A family names its checkpoint's modules (for quantization and adapters), refuses settings
+the graph does not implement with one line, and reads the weights into the description.
+Adding a family is adding a file here and its line below, with its parity tests
+(tests/test_families.py).
+"""
+
+from __future__ import annotations
+
+from edgekit.errors import ExportError
+from edgekit.host.families.llama import Llama
+
+FAMILIES: dict[str, type[Llama]] = {t: cls for cls in (Llama,) for t in cls.model_types}
+SUPPORTED = tuple(sorted(FAMILIES))
+
+
+def family_class(config) -> type[Llama]:
+    """The family of `config`, after checking its settings; ExportError when unsupported."""
+    model_type = getattr(config, "model_type", None)
+    cls = FAMILIES.get(model_type)
+    if cls is None:
+        raise ExportError(f"architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    cls.check(config)
+    return cls
+
+
+def family_of(model) -> Llama:
+    """The family describing `model` (a transformers causal LM)."""
+    return family_class(model.config)(model)
