@@ -1,11 +1,9 @@
-"""Text generation from a bundle with a KV cache that never moves.
+"""Text generation from a bundle with a KV cache allocated once.
 
-The cache is one pair of buffers per layer, (1, kv_heads, context_length, head_size),
-allocated once and bound with onnxruntime's IO binding as both the layer's
-`past_key_values.{i}.*` input and its `present.{i}.*` output. GroupQueryAttention
-sees that past and present share memory and writes each step's new keys and values
-in place at position `seqlens_k`, so a decode step feeds one token and copies
-nothing: the same scheme as onnxruntime-genai's past_present_share_buffer.
+The cache is one pair of buffers per layer, (1, kv_heads, context_length, head_size); how a
+run of the graph reads and writes it depends on the graph's flavour (device/kv_cache.py).
+With the fused graph, GroupQueryAttention writes each step's keys and values in place, so a
+decode step feeds one token and copies nothing.
 
     prompt ids ──► run(ids, past=0) ──► logits[-1] ──► sample ──► id
                                                         ▲          │
@@ -24,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edgekit.device import chat as chat_format
+from edgekit.device import kv_cache
 from edgekit.device.bundle import Manifest, bundle_hash, read_manifest
 from edgekit.device.sampling import SamplingConfig, sample
 from edgekit.device.session import create_session
@@ -135,23 +133,10 @@ class Model:
         gen = self.manifest.generation
         self.eos_token_ids = set(gen.get("eos_token_ids", []))
 
-        # The KV cache: allocated once, bound as both past input and present output.
-        # numpy owns the memory (OrtValue wraps it without a copy) so a baked-in prefix can be written in.
-        shape = (1, arch.num_kv_heads, self.context_length, arch.head_size)  # (batch, kv_heads, seq, head_size)
-        self._binding = self.session.io_binding()
-        self._cache: dict[str, np.ndarray] = {}
-        # the portable graph (standard operators) returns a new, longer present instead: _forward_portable
-        self._portable = self.manifest.graph.get("flavour") == "portable"
-        self._output_names = [o.name for o in self.session.get_outputs()]
-        for i in range(arch.num_layers):
-            for kind in ("key", "value"):
-                buf = np.zeros(shape, dtype=np.float32)
-                if not self._portable:
-                    value = ort.OrtValue.ortvalue_from_numpy(buf)
-                    self._binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
-                    self._binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
-                self._cache[f"{kind}.{i}"] = buf
-        self._logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, arch.vocab_size), np.float32)
+        # The KV cache: allocated once at the context length, in numpy-owned buffers (so a baked-in
+        # prefix can be written in); the graph's flavour decides how a run reads and writes it.
+        self._kv = kv_cache.for_graph(self.manifest.graph.get("flavour", "fused"), self.session, arch.num_layers,
+                                      arch.num_kv_heads, self.context_length, arch.head_size, arch.vocab_size)
         self.prefix_length = self._load_prefix()
         self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
 
@@ -167,7 +152,7 @@ class Model:
         if length >= self.context_length:
             raise ValueError(f"the bundle's {length}-token prefix leaves no room in context length {self.context_length}")
         with np.load(self.path / prefix["file"]) as kv:
-            for name, buf in self._cache.items():
+            for name, buf in self._kv.buffers.items():
                 buf[0, :, :length, :] = kv[name]  # (kv_heads, P, head_size)
         return length
 
@@ -186,43 +171,7 @@ class Model:
                 f"{total} tokens do not fit in the context length of {self.context_length}"
             )
         del self._cached_ids[past_length:]
-        if self._portable:
-            return self._forward_portable(ids, self.prefix_length + past_length, all_logits)
-        b = self._binding
-        b.bind_cpu_input("input_ids", np.asarray(ids, dtype=np.int64)[None, :])
-        b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
-        b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        b.bind_cpu_input("num_logits_to_keep", np.array([len(ids) if all_logits else 1], dtype=np.int64))
-        logits = self._logits
-        if all_logits:
-            logits = ort.OrtValue.ortvalue_from_shape_and_type((1, len(ids), self._logits.shape()[2]), np.float32)
-        b.bind_ortvalue_output("logits", logits)
-        self.session.run_with_iobinding(b)
-        return logits.numpy()[0].copy()  # numpy() may view the bound buffer, which the next run overwrites
-
-    def _forward_portable(self, ids: Sequence[int], past: int, all_logits: bool) -> np.ndarray:
-        """forward() for the portable graph: feed cache positions [0, past) as past_key_values,
-        copy the returned present (past + len(ids) positions) back into the same buffers.
-
-        The cache is the same (1, kv_heads, context_length, head_size) buffers as the fused
-        path, so a baked-in prefix and prefill's reuse of cached tokens work unchanged.
-        """
-        n = len(ids)
-        feeds = {
-            "input_ids": np.asarray(ids, dtype=np.int64)[None, :],
-            "position_ids": np.arange(past, past + n, dtype=np.int64)[None, :],
-            "num_logits_to_keep": np.array([n if all_logits else 1], dtype=np.int64),
-        }
-        for name, buf in self._cache.items():
-            kind, i = name.split(".")
-            feeds[f"past_key_values.{i}.{kind}"] = buf[:, :, :past]
-        for name, value in zip(self._output_names, self.session.run(self._output_names, feeds)):
-            if name == "logits":
-                logits = value
-            else:  # present.{i}.{kind}: (1, kv_heads, past + n, head_size)
-                _, i, kind = name.split(".")
-                self._cache[f"{kind}.{i}"][:, :, : past + n] = value
-        return logits[0]
+        return self._kv.run(ids, self.prefix_length + past_length, len(ids) if all_logits else 1)
 
     def prefill(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
         """Bring the cache to hold exactly `ids`, reusing the longest cached prefix.

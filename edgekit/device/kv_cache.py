@@ -1,0 +1,87 @@
+"""The KV cache, and how one run of the graph reads and writes it.
+
+Both strategies keep the cache in the same numpy-owned buffers, one pair per layer,
+(1, kv_heads, context_length, head_size), so a baked-in prefix (prefix tuning) is written in
+the same way and a caller never sees which strategy runs:
+
+    SharedBuffer   the fused graph: GroupQueryAttention takes past and present as one buffer
+                   (onnxruntime-genai's past_present_share_buffer). Bound once with IO binding as
+                   both the layer's past_key_values input and its present output; a run writes its
+                   new keys and values in place at position seqlens_k, and copies nothing.
+
+    GrowingCache   the portable graph (standard operators): past_key_values are positions
+                   [0, past) of the buffers, present comes back past + new positions long and is
+                   copied into the same buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+
+class SharedBuffer:
+    def __init__(self, session: ort.InferenceSession, buffers: dict[str, np.ndarray], vocab_size: int):
+        self.session = session
+        self.buffers = buffers  # "key.{i}" / "value.{i}" -> (1, kv_heads, context_length, head_size)
+        self.binding = session.io_binding()
+        for name, buf in buffers.items():
+            kind, i = name.split(".")
+            value = ort.OrtValue.ortvalue_from_numpy(buf)  # wraps numpy's memory, no copy
+            self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+            self.binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
+        self.vocab_size = vocab_size
+        self.one_row = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, vocab_size), np.float32)
+
+    def run(self, ids: Sequence[int], past: int, keep: int) -> np.ndarray:
+        """Logits (keep, vocab) of the last `keep` of `ids`, fed after `past` cached positions."""
+        b = self.binding
+        total = past + len(ids)
+        b.bind_cpu_input("input_ids", np.asarray(ids, dtype=np.int64)[None, :])
+        b.bind_cpu_input("seqlens_k", np.array([total - 1], dtype=np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        b.bind_cpu_input("num_logits_to_keep", np.array([keep], dtype=np.int64))
+        logits = self.one_row if keep == 1 else \
+            ort.OrtValue.ortvalue_from_shape_and_type((1, keep, self.vocab_size), np.float32)
+        b.bind_ortvalue_output("logits", logits)
+        self.session.run_with_iobinding(b)
+        return logits.numpy()[0].copy()  # numpy() may view the bound buffer, which the next run overwrites
+
+
+class GrowingCache:
+    def __init__(self, session: ort.InferenceSession, buffers: dict[str, np.ndarray]):
+        self.session = session
+        self.buffers = buffers
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def run(self, ids: Sequence[int], past: int, keep: int) -> np.ndarray:
+        n = len(ids)
+        feeds = {
+            "input_ids": np.asarray(ids, dtype=np.int64)[None, :],
+            "position_ids": np.arange(past, past + n, dtype=np.int64)[None, :],
+            "num_logits_to_keep": np.array([keep], dtype=np.int64),
+        }
+        for name, buf in self.buffers.items():
+            kind, i = name.split(".")
+            feeds[f"past_key_values.{i}.{kind}"] = buf[:, :, :past]
+        logits = None
+        for name, value in zip(self.outputs, self.session.run(self.outputs, feeds)):
+            if name == "logits":
+                logits = value
+            else:  # present.{i}.{kind}: (1, kv_heads, past + n, head_size)
+                _, i, kind = name.split(".")
+                self.buffers[f"{kind}.{i}"][:, :, : past + n] = value
+        assert logits is not None
+        return logits[0]
+
+
+def for_graph(flavour: str, session: ort.InferenceSession, num_layers: int, kv_heads: int, length: int,
+              head_size: int, vocab_size: int) -> SharedBuffer | GrowingCache:
+    """The cache strategy for a graph of `flavour`, with buffers for `length` positions."""
+    shape = (1, kv_heads, length, head_size)  # (batch, kv_heads, seq, head_size)
+    buffers = {f"{kind}.{i}": np.zeros(shape, dtype=np.float32) for i in range(num_layers) for kind in ("key", "value")}
+    if flavour == "portable":
+        return GrowingCache(session, buffers)
+    return SharedBuffer(session, buffers, vocab_size)
