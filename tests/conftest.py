@@ -32,12 +32,15 @@ def make_tiny(tmp_path_factory, smol_tokenizer):
 
     def make(model_type: str = "llama", seed: int = 0, **overrides):
         torch.manual_seed(seed)
-        config = AutoConfig.for_model(model_type, vocab_size=len(smol_tokenizer), **{**TINY, **overrides})
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        # random init leaves norms at 1 and biases at 0; perturb them so the graph must use them
+        special = dict(bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id,
+                       pad_token_id=None)  # the tokenizer's own, within the vocabulary
+        config = AutoConfig.for_model(model_type, vocab_size=len(smol_tokenizer), **{**TINY, **special, **overrides})
+        # eager attention: the reference implementation (softcap, sliding windows and ALiBi included)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+        # random init leaves norms at 1 (or 0) and biases at 0; perturb every vector so the graph must use them
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight") or name.endswith(".bias"):
+            for p in model.parameters():
+                if p.dim() == 1:
                     p.add_(torch.randn_like(p) * 0.1)
         folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
         model.save_pretrained(folder)

@@ -280,7 +280,8 @@ def prefix_cache(base: Path, adapter: Path):
     from transformers import AutoConfig, DynamicCache
 
     c = AutoConfig.from_pretrained(base)
-    kv_heads, head_size = c.num_key_value_heads, c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_size = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     emb = load_file(str(adapter / "adapter_model.safetensors"))["prompt_embeddings"]
     kv = emb.view(emb.shape[0], c.num_hidden_layers, 2, kv_heads, head_size).permute(1, 2, 3, 0, 4)
     cache = DynamicCache(config=c)

@@ -38,22 +38,27 @@ OPSETS = {"ai.onnx": 21, "com.microsoft": 1}
 # Maintained tables: "domain::Op" -> None (float32 supported) or a reason it is not usable
 # for edgekit's float32 graphs. Operators absent from a table are not implemented there.
 _STANDARD_OPS = [
-    "Add", "And", "Cast", "Concat", "DequantizeLinear", "Div", "Gather", "Gemm", "Greater", "Identity",
-    "LessOrEqual", "MatMul", "Mul", "Neg", "Range", "ReduceMean", "Reshape", "Shape", "Sigmoid", "Slice",
-    "Softmax", "Split", "Sqrt", "Sub", "Transpose", "Unsqueeze", "Where",
+    "Add", "And", "Cast", "Clip", "Concat", "DequantizeLinear", "Div", "Expand", "Gather", "Gemm", "Greater",
+    "GreaterOrEqual", "Identity", "If", "LayerNormalization", "LessOrEqual", "MatMul", "Mul", "Neg", "Range",
+    "ReduceMax", "ReduceMean", "Relu", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Sub",
+    "Tanh", "Transpose", "Unsqueeze", "Where",
 ]
 CUDA_OPS: dict[str, str | None] = {f"ai.onnx::{op}": None for op in _STANDARD_OPS}
 CUDA_OPS.update({
+    # ai.onnx::Gelu (opset 20) has no CUDA kernel: absent, so the portable graph's Gelu runs on the CPU
     # contrib kernels registered in the default domain / com.microsoft by the CUDA EP
     "ai.onnx::SimplifiedLayerNormalization": None,
     "com.microsoft::SkipSimplifiedLayerNormalization": None,
+    "com.microsoft::SkipLayerNormalization": None,
+    "com.microsoft::Gelu": None,
+    "com.microsoft::FastGelu": None,
     "com.microsoft::MatMulNBits": None,
     # the CUDA kernel is registered for float16 and bfloat16 only: a float32 graph's
     # attention runs on the CPU
     "com.microsoft::GroupQueryAttention": "CUDA kernel is float16/bfloat16 only, the graph is float32",
     # com.microsoft::DynamicQuantizeMatMul: CPU only (absent)
 })
-TENSORRT_OPS: dict[str, str | None] = {f"ai.onnx::{op}": None for op in _STANDARD_OPS}
+TENSORRT_OPS: dict[str, str | None] = {f"ai.onnx::{op}": None for op in [*_STANDARD_OPS, "Gelu"]}
 # TensorRT has no onnxruntime contrib operators (SimplifiedLayerNormalization, GroupQueryAttention,
 # MatMulNBits, ...): they are absent, so they fall back to CUDA or CPU.
 MAINTAINED = {"CUDAExecutionProvider": CUDA_OPS, "TensorrtExecutionProvider": TENSORRT_OPS}

@@ -78,8 +78,9 @@ class Attention:
     rotary: str | None = "default"  # a key of Decoder.rotary; None: no rotary (NoPE, ALiBi, learned positions)
     window: int | None = None  # sliding window: a query sees this many keys, itself included
     softcap: float | None = None  # scores <- softcap * tanh(scores / softcap) (Gemma 2)
-    # RMSNorm of q and k before rotary: per head when the weight has head_size entries (Qwen3,
-    # Gemma 3), over the whole projection when it has num_heads * head_size (OLMo 2)
+    # norms of q and k before rotary: per head, one weight of head_size (Qwen3, Gemma 3) or one per
+    # head, (heads, head_size) (StableLM's LayerNorm per head); or over the whole projection, a weight
+    # of heads * head_size (OLMo 2)
     q_norm: Norm | None = None
     k_norm: Norm | None = None
     alibi: np.ndarray | None = None  # (num_heads,) slopes: score += slope * key position (BLOOM, MPT, Falcon)

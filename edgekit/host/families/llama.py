@@ -217,10 +217,11 @@ class Llama:
 
     def window(self, i: int) -> int | None:
         """The sliding window of layer i: all layers (Mistral), or those layer_types marks as sliding."""
-        window = getattr(self.config, "sliding_window", None)
-        types = getattr(self.config, "layer_types", None)
-        if types is not None and types[i] != "sliding_attention":
+        c = self.config
+        types = getattr(c, "layer_types", None)
+        if not getattr(c, "use_sliding_window", True) or types is not None and types[i] != "sliding_attention":
             return None
+        window = getattr(c, "sliding_window", None)
         return window if window and window < self.arch.context_length else None
 
     def rotary_key(self, i: int) -> str | None:
@@ -310,8 +311,9 @@ def _reorder_norm(norm: Norm | None, order: np.ndarray, head_size: int) -> Norm 
     """A q/k norm's weight in the permuted head order (per head, or over every head)."""
     if norm is None:
         return None
-    index = order if norm.weight.shape[0] == head_size else per_head(order, norm.weight.shape[0] // head_size)
-    return Norm(norm.name, norm.weight[index], None if norm.bias is None else norm.bias[index], norm.eps, norm.rms)
+    w = norm.weight
+    index = order if w.shape[-1] == head_size else per_head(order, w.shape[-1] // head_size)  # last axis: dims
+    return Norm(norm.name, w[..., index], None if norm.bias is None else norm.bias[..., index], norm.eps, norm.rms)
 
 
 assert set(ACTIVATION_OF.values()) <= set(ACTIVATIONS)

@@ -138,6 +138,12 @@ class Fused:
         assert isinstance(weight, W8A8Weight), type(weight)
         return _matmul_w8a8(g, name, x, weight)
 
+    def gelu(self, name: str, x: str, tanh: bool) -> str:
+        """com.microsoft Gelu (erf) or FastGelu (tanh): CPU and CUDA kernels (ONNX's own Gelu has no CUDA one)."""
+        op = "FastGelu" if tanh else "Gelu"
+        (y,) = self.g.op(op, [x], f"{name}/{op}", domain=MS_DOMAIN)
+        return y
+
     def attention(self, n: str, i: int, att: Attention, q: str, k: str = "", v: str = "") -> str:
         """GroupQueryAttention over packed qkv (k, v empty) or separate q, k, v (B, S, heads * head_size).
 

@@ -128,6 +128,11 @@ class Portable:
         (y,) = g.op("MatMul", [x, w], f"{name}/MatMul")
         return y
 
+    def gelu(self, name: str, x: str, tanh: bool) -> str:
+        """ONNX Gelu (opset 20), erf or tanh."""
+        (y,) = self.g.op("Gelu", [x], f"{name}/Gelu", approximate="tanh" if tanh else "none")
+        return y
+
     def attention(self, n: str, i: int, att: Attention, q: str, k: str = "", v: str = "") -> str:
         """Grouped-query attention over packed qkv (k, v empty) or separate q, k, v.
 

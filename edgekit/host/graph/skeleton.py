@@ -150,18 +150,23 @@ class _Builder:
         return self.linear(f"{n}/attn/o_proj", out, att.o_proj)
 
     def qk_norm(self, name: str, norm: Norm | None, x: str, heads: int, head_size: int) -> str:
-        """RMSNorm over each head (a weight of head_size) or over the whole projection.
+        """A norm over each head (one weight of head_size, or one per head) or over the whole projection.
 
-            x (B, S, heads * hd) ──► Reshape (B, S, heads, hd) ──► norm ──► Reshape (B, S, heads * hd)
+            x (B, S, heads * hd) ──► Reshape (B, S, heads, hd) ──► norm ──► [Mul per-head weights] ──► Reshape back
         """
         if norm is None:
             return x
-        if norm.weight.shape[0] != head_size:
+        if norm.weight.shape[-1] != head_size:
             return self.f.norm(name, norm, x)[0]
         g = self.g
         (x4,) = g.op("Reshape", [x, g.shared(f"/model/const/heads_{heads}", int64(0, 0, heads, head_size))],
                      f"{name}/Reshape")  # (batch, seq, heads, head_size)
-        y, _ = self.f.norm(name, norm, x4)
+        if norm.weight.ndim == 1:
+            y, _ = self.f.norm(name, norm, x4)
+        else:  # a weight per head (heads, head_size): normalize with unit weight, then scale
+            assert norm.bias is None and norm.weight.shape == (heads, head_size), norm.weight.shape
+            y, _ = self.f.norm(name, Norm(norm.name, np.ones(head_size, np.float32), None, norm.eps, norm.rms), x4)
+            (y,) = g.op("Mul", [y, g.const(f"{norm.name}.per_head_weight", norm.weight)], f"{name}/Mul")
         (y,) = g.op("Reshape", [y, g.shared("/model/const/flat_heads", int64(0, 0, -1))], f"{name}/Reshape_1")
         return y
 
@@ -181,17 +186,17 @@ class _Builder:
         return self.linear(f"{n}/mlp/down_proj", prod, mlp.down)
 
     def activation(self, name: str, x: str, act: str) -> str:
-        """silu as x * Sigmoid(x) (what onnxruntime fuses); gelu (erf or tanh) and relu as their ops."""
+        """silu as x * Sigmoid(x) (what onnxruntime fuses), relu as Relu, GELU as the flavour has it."""
         g = self.g
         if act == "silu":
             (sig,) = g.op("Sigmoid", [x], f"{name}/Sigmoid")
             (y,) = g.op("Mul", [x, sig], f"{name}/Mul")
-        elif act in ("gelu", "gelu_tanh"):
-            (y,) = g.op("Gelu", [x], f"{name}/Gelu", approximate="tanh" if act == "gelu_tanh" else "none")
-        else:
-            assert act == "relu", act
+            return y
+        if act == "relu":
             (y,) = g.op("Relu", [x], f"{name}/Relu")
-        return y
+            return y
+        assert act in ("gelu", "gelu_tanh"), act
+        return self.f.gelu(name, x, tanh=act == "gelu_tanh")
 
     def final(self, d: Decoder, s: Stream) -> str:
         """final norm (adds the last pending output) ──► Slice[-N:] ──► [project_out]"""

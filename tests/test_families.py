@@ -1,0 +1,270 @@
+"""Every model family and variant edgekit exports, on a tiny random model built from a transformers
+config: the bundle computes what transformers (eager attention) computes.
+
+Held, for each variant and both graph flavours: logits within 1e-4 of transformers' on a prompt
+and on 32 cached decode steps; 32 of 32 greedy tokens the same; and a GPTQ int4 bundle of the
+same model exports and generates. Unsupported settings are refused with one line that names
+them. (Llama, Mistral and Qwen2 variants: tests/test_parity.py.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_parity import ATOL, PROMPT, check_parity
+
+from edgekit.device import Model
+from edgekit.host import ExportError, ExportOptions, export
+
+STEPS = 32
+QUIET = dict(progress=lambda _: None)
+PORTABLE = dict(target="jetson-orin-nano", quant="none")  # the portable flavour, weights left in fp32
+
+
+def longrope(rotary_dim: int, original: int, **extra) -> dict:
+    """LongRoPE factors for a tiny head (one per frequency), switching at `original` positions."""
+    n = rotary_dim // 2
+    return {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": original,
+            "short_factor": [1.0 + 0.1 * i for i in range(n)], "long_factor": [2.0 + 0.5 * i for i in range(n)],
+            **extra}
+
+
+VARIANTS = {  # name -> (model_type, config overrides)
+    "phi3": ("phi3", {}),
+    "phi3-sliding-window": ("phi3", {"sliding_window": 8}),
+    # the prompt (15 tokens) plus 32 steps crosses the original length: short factors, then long ones
+    "phi3.5-longrope": ("phi3", {"rope_parameters": longrope(16, 24)}),
+    "phi4-mini-partial-rotary-longrope": ("phi3", {"rope_parameters": longrope(12, 24, partial_rotary_factor=0.75),
+                                                   "tie_word_embeddings": True}),
+    "gemma": ("gemma", {"head_dim": 16}),
+    "gemma2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 6,
+                          "attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.3}),
+    "gemma3": ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 6,
+                               "layer_types": ["sliding_attention", "full_attention"],
+                               "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                   "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                      "rope_theta": 1000000.0}}}),
+    "qwen3": ("qwen3", {"head_dim": 16}),
+    "qwen3-sliding-window": ("qwen3", {"head_dim": 16, "use_sliding_window": True, "sliding_window": 6,
+                                       "max_window_layers": 1}),
+    "smollm3-nope": ("smollm3", {"no_rope_layers": [1, 0]}),
+    "smollm3-nope-sliding": ("smollm3", {"no_rope_layers": [0, 1], "use_sliding_window": True, "sliding_window": 6,
+                                         "layer_types": ["sliding_attention", "full_attention"]}),
+    "granite": ("granite", {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.03,
+                            "logits_scaling": 4.0, "tie_word_embeddings": True}),
+    "granite-untied-bias": ("granite", {"embedding_multiplier": 6.0, "residual_multiplier": 0.5,
+                                        "attention_multiplier": 0.1, "logits_scaling": 2.0, "attention_bias": True,
+                                        "tie_word_embeddings": False}),
+    "olmo2": ("olmo2", {}),
+    "stablelm2": ("stablelm", {"use_qkv_bias": True}),
+    "stablelm2-parallel-qk-layernorm": ("stablelm", {"use_parallel_residual": True, "qk_layernorm": True,
+                                                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                         "partial_rotary_factor": 0.5}}),
+    "glm": ("glm", {"head_dim": 16, "attention_bias": True}),
+    "glm4": ("glm4", {"head_dim": 16, "attention_bias": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(make_tiny):
+    """One tiny model per variant (made once): name -> (HF folder, transformers model)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model_type, config = VARIANTS[name]
+            cache[name] = make_tiny(model_type, **config)
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_logits_match_transformers_in_both_flavours(name, tiny, smol_tokenizer, tmp_path):
+    folder, hf = tiny(name)
+    for flavour, options in (("fused", {}), ("portable", PORTABLE)):
+        bundle = export(folder, tmp_path / flavour, ExportOptions(**options), **QUIET)
+        assert Model(bundle).manifest.graph["flavour"] == flavour
+        worst = check_parity(bundle, hf, smol_tokenizer, decode_steps=STEPS)
+        assert worst < ATOL, f"{name} ({flavour}): max |logits diff| {worst:.2e} >= {ATOL}"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_greedy_tokens_match_transformers(name, tiny, smol_tokenizer, tmp_path):
+    folder, hf = tiny(name)
+    ids = smol_tokenizer(PROMPT).input_ids
+    want = []
+    with torch.no_grad():  # transformers' own greedy loop, token by token with its cache
+        out = hf(torch.tensor([ids]), use_cache=True)
+        for _ in range(STEPS):
+            want.append(int(out.logits[0, -1].argmax()))
+            out = hf(torch.tensor([[want[-1]]]), cache=out.past_key_values, use_cache=True)
+
+    model = Model(export(folder, tmp_path / "b", **QUIET))
+    logits, _ = model.prefill(ids)
+    got = []
+    for _ in range(STEPS):
+        got.append(int(np.argmax(logits)))
+        logits = model.step(got[-1])
+    assert got == want
+
+
+# one variant per family file: what quantization, adapters and targets read is the family's
+FAMILY_VARIANTS = ["phi4-mini-partial-rotary-longrope", "gemma", "gemma2", "gemma3", "qwen3", "smollm3-nope",
+                   "granite", "olmo2", "stablelm2", "stablelm2-parallel-qk-layernorm", "glm", "glm4"]
+METHODS = {  # method -> (ExportOptions fields, tolerance on logits relative to max |reference logit|)
+    "gptq4": (dict(quant="gptq", bits=4, group_size=32, calib_samples=4, calib_seq_len=64), 1e-3),
+    "awq4": (dict(quant="awq", bits=4, group_size=32, calib_samples=4, calib_seq_len=64), 1e-3),
+    # int8 activations: a few % of noise, which the post-norms of Gemma 2 (softcapped at 0.3 here) enlarge
+    "smoothquant": (dict(quant="smoothquant", calib_samples=4, calib_seq_len=64), 0.1),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", VARIANTS)
+def test_quantized_graph_computes_what_its_quantized_weights_do(name, method, tiny, smol_tokenizer):
+    """GPTQ for every variant, AWQ and SmoothQuant for one of each family. The reference is transformers
+    running the very weights the graph holds (each Linear dequantized, the fp16 embedding, the int8
+    lm_head copy), so this checks the family's layer walker, its scale groups and how it rearranges
+    quantized rows, not how much 4 bits cost a random model. MatMulNBits runs at accuracy_level 1
+    (fp32 compute); W8A8 quantizes activations at run time, hence its looser bound."""
+    from test_portable import _prefill_logits
+
+    from edgekit.host import graph
+    from edgekit.host.families import family_of
+    from edgekit.host.load import fp32_weights, load
+    from edgekit.host.quant import quantize
+    from edgekit.host.target_fit import set_accuracy_level
+
+    if method != "gptq4" and name not in FAMILY_VARIANTS:
+        pytest.skip("AWQ and SmoothQuant: one variant per family")
+    folder, _ = tiny(name)
+    fields, tol = METHODS[method]
+    loaded = load(folder)
+    family = family_of(loaded.model)
+    arch = family.architecture()
+    weights, _ = quantize(loaded, family, arch, fp32_weights(loaded.model), ExportOptions(**fields), lambda _: None)
+    proto = graph.build(family.describe(weights, arch), "fused")
+    set_accuracy_level(proto, 1)
+
+    model = loaded.model  # its layers now hold their dequantized weights (quantize replaces them)
+    head = weights[f"{family.lm_head}.weight"].dequantize()
+    model.get_output_embeddings().weight = torch.nn.Parameter(torch.from_numpy(head.copy()))  # untied if it was
+    model.get_input_embeddings().weight.data = torch.from_numpy(
+        weights[f"{family.embed_tokens}.weight"].astype(np.float32))
+    ids = np.array([smol_tokenizer(PROMPT).input_ids])
+    with torch.no_grad():
+        want = model(torch.from_numpy(ids)).logits.numpy()
+    got = _prefill_logits(proto, arch, ids, portable=False)
+    assert np.abs(got - want).max() / np.abs(want).max() < tol
+
+
+@pytest.mark.parametrize("name", FAMILY_VARIANTS)
+def test_scale_groups_leave_the_layer_unchanged_before_rounding(name, tiny, smol_tokenizer):
+    """AWQ and SmoothQuant divide the op before a group by s and multiply the group's Linears by s:
+    for every scale group a family declares, the layer must compute exactly what it did."""
+    from edgekit.host.families import family_of
+    from edgekit.host.load import load
+    from edgekit.host.quant import _scale_groups, awq, layerwise
+
+    folder, _ = tiny(name)
+    model = load(folder).model
+    family = family_of(model)
+    layer = model.get_submodule(family.decoder_layers)[0]
+    ids = torch.tensor([smol_tokenizer(PROMPT).input_ids])
+    hidden, kwargs = layerwise.first_layer_inputs(model, layer, ids)
+    feats, want = layerwise.linear_inputs(layer, layerwise.inputs_of(family.linears), hidden, kwargs)
+    groups = _scale_groups(layer, family, feats)
+    assert groups, f"{name}: no scale group applies"
+    gen = torch.Generator().manual_seed(0)
+    for sg, prev, fcs, x in groups:
+        s = torch.rand(x.shape[-1], generator=gen) * 1.5 + 0.5
+        awq.apply_scale(awq.ScaleGroup(prev, fcs, x, lambda t: t, family.norm_offset), s)
+    got = layerwise.run_layer(layer, hidden, kwargs)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), f"{name}: {(got - want).abs().max():.2e}"
+
+
+@pytest.mark.parametrize("name", FAMILY_VARIANTS)
+def test_a_lora_on_the_familys_own_modules_merges_exactly(name, tiny, smol_tokenizer, tmp_path):
+    """A LoRA on every Linear of the family (its own module names: qkv_proj, gate_up_proj, ...),
+    merged at export, gives peft's adapted model's logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from edgekit.host.families import family_class
+
+    folder, _ = tiny(name)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    targets = sorted({path.rsplit(".", 1)[-1] for path in family_class(base.config).linears})
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "lora")
+    bundle = export(folder, tmp_path / "b", ExportOptions(adapters=[str(tmp_path / "lora")]), **QUIET)
+
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager"),
+        tmp_path / "lora").eval()
+    ids = smol_tokenizer(PROMPT).input_ids
+    with torch.no_grad():
+        want = reference(input_ids=torch.tensor([ids])).logits[0].numpy()
+    got = Model(bundle).forward(ids, 0, all_logits=True)
+    assert np.abs(got - want).max() < ATOL
+    base_bundle = export(folder, tmp_path / "base", **QUIET)
+    assert np.abs(Model(base_bundle).forward(ids, 0, all_logits=True) - want).max() > 1e-2, "the LoRA must matter"
+
+
+def test_prefix_tuning_on_a_partial_rotary_family_keeps_its_keys_in_the_graphs_head_order(tiny, smol_tokenizer,
+                                                                                          tmp_path):
+    """StableLM rotates a quarter of each head, so the graph stores q and k heads permuted
+    (host/decoder.py); the baked-in prefix keys must be permuted the same way."""
+    from peft import PrefixTuningConfig, get_peft_model
+    from test_adapters import prefix_cache
+
+    folder, hf = tiny("stablelm2")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(hf, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.normal_()
+    peft_model.save_pretrained(tmp_path / "prefix")
+    bundle = export(folder, tmp_path / "b", ExportOptions(adapters=[str(tmp_path / "prefix")]), **QUIET)
+
+    ids = smol_tokenizer(PROMPT).input_ids
+    with torch.no_grad():
+        want = peft_model.get_base_model()(input_ids=torch.tensor([ids]),
+                                           cache=prefix_cache(folder, tmp_path / "prefix")).logits[0].numpy()
+    got = Model(bundle).forward(ids, 0, all_logits=True)
+    assert np.abs(got - want).max() < ATOL
+
+
+def test_a_family_exports_with_the_command_line_and_generates(tiny, tmp_path):
+    from test_cli import edgekit
+
+    folder, _ = tiny("gemma3")
+    r = edgekit("export", folder, "--out", tmp_path / "b", "--quant", "rtn", "--bits", "4", "--group-size", "32")
+    assert r.returncode == 0, r.stderr
+    assert "gemma3_text" in r.stderr
+    r = edgekit("generate", tmp_path / "b", "The robot", "--max-new-tokens", "5", "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+@pytest.mark.parametrize("name, target", [("gemma2", "rpi5"), ("stablelm2-parallel-qk-layernorm", "rpi4"),
+                                          ("phi4-mini-partial-rotary-longrope", "jetson-orin-nano"),
+                                          ("glm4", "x86-avx2")])
+def test_target_export_checks_operators_and_memory(name, target, tiny, tmp_path):
+    folder, _ = tiny(name)
+    said = []
+    bundle = export(folder, tmp_path / target, ExportOptions(target=target), progress=said.append)
+    assert any(line.strip().startswith("operators:") for line in said), said
+    assert any(f"memory on {target}" in line for line in said), said
+    assert Model(bundle).generate(PROMPT, max_new_tokens=4, temperature=0.0).stats.new_tokens >= 1
+
+
+@pytest.mark.parametrize("model_type, config, refusal", [
+    ("llama", {"hidden_act": "tanh"}, "hidden_act 'tanh' is not supported"),
+    ("gemma3_text", {"head_dim": 16, "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+])
+def test_unsupported_settings_are_refused_in_one_line(model_type, config, refusal, make_tiny, tmp_path):
+    folder, _ = make_tiny(model_type, **config)
+    with pytest.raises(ExportError, match=refusal):
+        export(folder, tmp_path / "b", **QUIET)
+    assert not (tmp_path / "b").exists()
