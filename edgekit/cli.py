@@ -71,6 +71,9 @@ def _add_export(sub) -> None:
     p.add_argument("--target", help="device profile(s) from targets/ (see `edgekit targets`), comma-separated: "
                                     "one bundle per target in OUT/<target>; its defaults apply where no flag is given "
                                     "(default: a generic fp32 x86-64 bundle)")
+    p.add_argument("--flavour", choices=["fused", "portable"],
+                   help="graph operators: fused (onnxruntime's contrib operators) or portable (standard ONNX only); "
+                        "default: the target's, else fused")
     p.add_argument("--fit-context", action="store_true",
                    help="shrink the context length until the bundle fits the target's memory instead of refusing")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH[:WEIGHT]",
@@ -115,7 +118,7 @@ def _run_export(args) -> int:
                                 bits=args.bits, group_size=args.group_size, sym=args.sym, calib=args.calib,
                                 calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
                                 damp=args.damp, act_order=args.act_order, awq_grid=args.awq_grid, alpha=args.alpha,
-                                lm_head_bits=args.lm_head_bits,
+                                lm_head_bits=args.lm_head_bits, flavour=args.flavour,
                                 fit_context=args.fit_context, **({"target": t.path} if t else {}))
         out = Path(args.out) / t.name if len(targets) > 1 else args.out  # several targets: one folder each
         print(export(args.source, out, options))

@@ -30,13 +30,13 @@ def make_tiny(tmp_path_factory, smol_tokenizer):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    def make(model_type: str = "llama", seed: int = 0, **overrides):
+    def make(model_type: str = "llama", seed: int = 0, attention: str = "eager", **overrides):
         torch.manual_seed(seed)
         special = dict(bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id,
                        pad_token_id=None)  # the tokenizer's own, within the vocabulary
         config = AutoConfig.for_model(model_type, vocab_size=len(smol_tokenizer), **{**TINY, **special, **overrides})
         # eager attention: the reference implementation (softcap, sliding windows and ALiBi included)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention).eval()
         # random init leaves norms at 1 (or 0) and biases at 0; perturb every vector so the graph must use them
         with torch.no_grad():
             for p in model.parameters():

@@ -63,7 +63,36 @@ VARIANTS = {  # name -> (model_type, config overrides)
                                                                          "partial_rotary_factor": 0.5}}),
     "glm": ("glm", {"head_dim": 16, "attention_bias": True}),
     "glm4": ("glm4", {"head_dim": 16, "attention_bias": True}),
+    # the open-model papers' families
+    "pythia": ("gpt_neox", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.25}}),
+    "gpt-neox-sequential": ("gpt_neox", {"use_parallel_residual": False,
+                                         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                             "partial_rotary_factor": 0.5}}),
+    "gptj": ("gptj", {"rotary_dim": 8, "n_inner": 128}),
+    "falcon-7b-multi-query": ("falcon", {"multi_query": True, "parallel_attn": True, "bias": False,
+                                         "ffn_hidden_size": 128}),
+    "falcon-40b-new-architecture": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2,
+                                               "ffn_hidden_size": 128}),
+    "falcon-new-architecture-one-norm": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2,
+                                                    "num_ln_in_parallel_attn": 1, "ffn_hidden_size": 128}),
+    "falcon-rw-alibi": ("falcon", {"alibi": True, "multi_query": False, "parallel_attn": False, "bias": True,
+                                   "ffn_hidden_size": 128}),
+    "bloom": ("bloom", {}),
+    "opt": ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
+    "opt-350m-post-norm-projected": ("opt", {"ffn_dim": 128, "do_layer_norm_before": False,
+                                             "word_embed_proj_dim": 32}),
+    "opt-no-affine-norms": ("opt", {"ffn_dim": 128, "layer_norm_elementwise_affine": False}),
+    "mpt": ("mpt", {"expansion_ratio": 2, "max_seq_len": 256}),
+    "mpt-clip-qkv": ("mpt", {"expansion_ratio": 2, "max_seq_len": 256,
+                             "attn_config": {"clip_qkv": 0.3, "softmax_scale": 0.2}}),
 }
+
+
+# The reference is transformers with eager attention, except where eager is wrong: for Falcon with
+# ALiBi, transformers 5 puts alibi / sqrt(head_size) into the attention mask and the eager path then
+# adds alibi to the scores a second time; its sdpa path (and Falcon-RW's original code) adds it once.
+REFERENCE_ATTENTION = {"falcon-rw-alibi": "sdpa"}
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +103,7 @@ def tiny(make_tiny):
     def get(name: str):
         if name not in cache:
             model_type, config = VARIANTS[name]
-            cache[name] = make_tiny(model_type, **config)
+            cache[name] = make_tiny(model_type, attention=REFERENCE_ATTENTION.get(name, "eager"), **config)
         return cache[name]
     return get
 
@@ -111,7 +140,9 @@ def test_greedy_tokens_match_transformers(name, tiny, smol_tokenizer, tmp_path):
 
 # one variant per family file: what quantization, adapters and targets read is the family's
 FAMILY_VARIANTS = ["phi4-mini-partial-rotary-longrope", "gemma", "gemma2", "gemma3", "qwen3", "smollm3-nope",
-                   "granite", "olmo2", "stablelm2", "stablelm2-parallel-qk-layernorm", "glm", "glm4"]
+                   "granite", "olmo2", "stablelm2", "stablelm2-parallel-qk-layernorm", "glm", "glm4",
+                   "pythia", "gpt-neox-sequential", "gptj", "falcon-7b-multi-query", "falcon-40b-new-architecture",
+                   "falcon-rw-alibi", "bloom", "opt", "opt-350m-post-norm-projected", "mpt-clip-qkv"]
 METHODS = {  # method -> (ExportOptions fields, tolerance on logits relative to max |reference logit|)
     "gptq4": (dict(quant="gptq", bits=4, group_size=32, calib_samples=4, calib_seq_len=64), 1e-3),
     "awq4": (dict(quant="awq", bits=4, group_size=32, calib_samples=4, calib_seq_len=64), 1e-3),
@@ -194,7 +225,8 @@ def test_a_lora_on_the_familys_own_modules_merges_exactly(name, tiny, smol_token
     from edgekit.host.families import family_class
 
     folder, _ = tiny(name)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    attention = REFERENCE_ATTENTION.get(name, "eager")
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
     targets = sorted({path.rsplit(".", 1)[-1] for path in family_class(base.config).linears})
     torch.manual_seed(0)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
@@ -202,7 +234,7 @@ def test_a_lora_on_the_familys_own_modules_merges_exactly(name, tiny, smol_token
     bundle = export(folder, tmp_path / "b", ExportOptions(adapters=[str(tmp_path / "lora")]), **QUIET)
 
     reference = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager"),
+        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention),
         tmp_path / "lora").eval()
     ids = smol_tokenizer(PROMPT).input_ids
     with torch.no_grad():
@@ -267,4 +299,32 @@ def test_unsupported_settings_are_refused_in_one_line(model_type, config, refusa
     folder, _ = make_tiny(model_type, **config)
     with pytest.raises(ExportError, match=refusal):
         export(folder, tmp_path / "b", **QUIET)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_head_size_the_fused_kernels_cannot_take_is_refused_with_the_way_out(make_tiny, smol_tokenizer, tmp_path):
+    """GroupQueryAttention needs head sizes that are multiples of 16; the portable graph takes any."""
+    folder, hf = make_tiny("llama", hidden_size=32, head_dim=8)
+    with pytest.raises(ExportError, match=r"head size 8 is not a multiple of 16.*--flavour portable"):
+        export(folder, tmp_path / "fused", **QUIET)
+    assert not (tmp_path / "fused").exists()
+    bundle = export(folder, tmp_path / "portable", ExportOptions(flavour="portable"), **QUIET)
+    assert check_parity(bundle, hf, smol_tokenizer) < ATOL
+
+
+@pytest.mark.parametrize("config, refusal", [
+    ({"model_type": "t5", "is_encoder_decoder": True, "d_model": 64}, "'t5' is an encoder-decoder model"),
+    ({"model_type": "chatglm", "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"}},
+     "'chatglm' needs trust_remote_code"),
+    ({"model_type": "baichuan", "auto_map": {"AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"}},
+     "'baichuan' needs trust_remote_code"),
+])
+def test_models_out_of_reach_are_refused_with_why_and_what_instead(config, refusal, tmp_path):
+    import json
+
+    from test_cli import assert_one_line_error, edgekit
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(edgekit("export", tmp_path / "m", "--out", tmp_path / "b"), refusal)
     assert not (tmp_path / "b").exists()

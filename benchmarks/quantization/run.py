@@ -154,12 +154,12 @@ def llmc_row(name: str, work: Path, group_size: int = 64) -> tuple[Path, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from edgekit.host import graph
     from edgekit.host.export import ExportOptions, write_bundle
-    from edgekit.host.graph import build_decoder
-    from edgekit.host.load import architecture, fp32_weights, load, rotary_tables
+    from edgekit.host.families import family_of
+    from edgekit.host.load import fp32_weights, load
     from edgekit.host.quant import store_embeddings, store_layer
     from edgekit.host.quant.calibration import calibration_ids
-    from edgekit.host.quant.layerwise import LINEARS
     from edgekit.host.quant.nbits import NBitsWeight
     from edgekit.host.target_fit import resolve_target
 
@@ -182,22 +182,23 @@ def llmc_row(name: str, work: Path, group_size: int = 64) -> tuple[Path, float]:
         raise SystemExit(f"{name}: llm-compressor failed:\n{run.stderr[-3000:]}")
     seconds = json.loads(run.stdout.strip().splitlines()[-1])["seconds"]
 
-    arch = architecture(model, None)
-    weights = fp32_weights(model, arch.tie_word_embeddings)
+    family = family_of(model)
+    arch = family.architecture()
+    weights = fp32_weights(model)
     npz = np.load(codes)
     graph_weights = dict(weights)
-    for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}"
+    for i, layer in enumerate(model.get_submodule(family.decoder_layers)):
+        p = f"{family.decoder_layers}.{i}"
         quantized = {path: NBitsWeight(npz[f"{p}.{path}.codes"], npz[f"{p}.{path}.scales"],
                                        npz[f"{p}.{path}.zeros"], bits=4, block_size=group_size,
-                                       in_features=layer.get_submodule(path).in_features) for path in LINEARS}
+                                       in_features=layer.get_submodule(path).in_features) for path in family.linears}
         store_layer(graph_weights, p, layer, quantized)
-    store_embeddings(graph_weights, weights)
-    proto = build_decoder(arch, graph_weights, *rotary_tables(model, arch.context_length))
+    store_embeddings(graph_weights, weights, family)
+    proto = graph.build(family.describe(graph_weights, arch), "fused")
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    write_bundle(out, loaded, arch, proto, resolve_target(ExportOptions()),
+    write_bundle(out, loaded, arch, proto, resolve_target(ExportOptions()), "fused",
                  quantization={"method": name, "bits": 4, "group_size": group_size, "symmetric": False,
                                "accuracy_level": 4, "tool": "llmcompressor GPTQModifier", "seconds": seconds})
     return out, seconds

@@ -31,7 +31,7 @@ class BundleError(Exception):
 class Architecture:
     """The shape numbers of a decoder-only transformer (Llama vocabulary)."""
 
-    model_type: str  # as in the Hugging Face config: llama, mistral, qwen2
+    model_type: str  # as in the Hugging Face config: llama, mistral, qwen2, gemma2, gpt_neox, ...
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -40,11 +40,12 @@ class Architecture:
     head_size: int
     vocab_size: int
     context_length: int  # the KV cache is allocated at this length
-    rms_norm_eps: float
-    rope_theta: float
+    rms_norm_eps: float  # the epsilon of the model's norms (RMSNorm or LayerNorm)
+    rope_theta: float  # 0 when the model has no rotary embedding
     rope_scaling: dict | None = None
     attention_bias: bool = False  # Qwen2: bias on q/k/v
     tie_word_embeddings: bool = False
+    positions: str = "rope"  # rope | alibi | learned
 
 
 @dataclass

@@ -210,6 +210,8 @@ def apply_target_defaults(options: Any, target: Target) -> Any:
     """
     names = {f.name for f in fields(options)}
     changes: dict[str, Any] = {"target": target.manifest_dict()}
+    if "flavour" in names and getattr(options, "flavour", None) is None:
+        changes["flavour"] = target.graph_flavour
     defaults = dict(target.quantization)
     defaults["quant"] = defaults.pop("method")
     if getattr(options, "quant", None) is None:

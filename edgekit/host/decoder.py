@@ -83,7 +83,9 @@ class Attention:
     # of heads * head_size (OLMo 2)
     q_norm: Norm | None = None
     k_norm: Norm | None = None
-    alibi: np.ndarray | None = None  # (num_heads,) slopes: score += slope * key position (BLOOM, MPT, Falcon)
+    # ALiBi (BLOOM, MPT, Falcon): (num_heads, context_length), score += alibi[head, key position]; a table
+    # rather than slopes so that a family reproduces its reference's rounding (Falcon's is bfloat16)
+    alibi: np.ndarray | None = None
     clip_qkv: float | None = None  # q, k and v clamped to [-clip, clip] (MPT)
 
 

@@ -42,6 +42,7 @@ class ExportOptions:
     # a targets/ profile name (its defaults fill the fields left None; device/targets.py) or a resolved dict
     target: dict | str = field(default_factory=lambda: dict(DEFAULT_TARGET))
     adapters: list[str] = field(default_factory=list)  # "[name=]path[:weight]" specs (host/adapters.py)
+    flavour: str | None = None  # fused | portable (host/graph/); None: the target's, else fused
     # quantization (host/quant/); None means the method's or the target's default
     quant: str | None = None  # none | rtn | gptq | awq | smoothquant
     bits: int | None = None
@@ -87,7 +88,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     adapter_records, prefix = apply_adapters(loaded, options.adapters, say)
 
     t = time.perf_counter()
-    flavour = options.target.get("graph_flavour", "fused")
+    flavour = options.flavour or options.target.get("graph_flavour", "fused")
     say(f"[2/3] building the {flavour} ONNX graph")
     family = family_of(loaded.model)
     arch = family.architecture(options.context_length)
@@ -108,13 +109,13 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
         set_accuracy_level(model_proto, options.target["matmulnbits_accuracy_level"])
     say(f"      {len(model_proto.graph.node)} nodes, context length {arch.context_length} "
         f"({time.perf_counter() - t:.1f}s)")
-    check_target_fit(model_proto, arch, options, say)  # operators and memory on the device (device/check.py)
+    check_target_fit(model_proto, arch, options, flavour, say)  # operators and memory on the device (device/check.py)
 
     t = time.perf_counter()
     say(f"[3/3] writing the bundle to {out}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        write_bundle(tmp, loaded, arch, model_proto, options, quantization=quant_record,
+        write_bundle(tmp, loaded, arch, model_proto, options, flavour, quantization=quant_record,
                      adapters=adapter_records, prefix=prefix)
         _apply_umask(tmp)
         if out.exists():
@@ -128,7 +129,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
 
 
 def write_bundle(folder: Path, loaded: LoadedModel, arch, model_proto: onnx.ModelProto,
-                 options: ExportOptions, quantization: dict | None = None, adapters: list | None = None,
+                 options: ExportOptions, flavour: str, quantization: dict | None = None, adapters: list | None = None,
                  prefix: np.ndarray | None = None) -> None:
     """Write the bundle's files and manifest into `folder`; `prefix` (layers, 2, kv_heads, P, head_size)
     is a prefix-tuning adapter's keys and values, saved as prefix_kv.npz for the runtime's cache."""
@@ -150,7 +151,7 @@ def write_bundle(folder: Path, loaded: LoadedModel, arch, model_proto: onnx.Mode
             "kv_layout": "BNSH",
             "past_present_share_buffer": True,
             "inputs": [i.name for i in model_proto.graph.input][:4],
-            **graph_manifest(model_proto, options.target.get("graph_flavour", "fused")),
+            **graph_manifest(model_proto, flavour),
         },
         generation=generation_defaults(loaded),
         chat=chat,

@@ -6,6 +6,7 @@ Everything comes out as an fp32 transformers model in eval mode and its tokenize
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def load(spec: str | Path) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = resolve(spec)
+    if not src.gguf_file:
+        check_reachable(src.folder / "config.json", spec)
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(src.folder, **kw)
@@ -79,6 +82,32 @@ def load(spec: str | Path) -> LoadedModel:
         raise ExportError(f"{spec}: the tokenizer has no tokenizer.json (fast) form, which the device needs")
     model.eval()
     return LoadedModel(model, tokenizer, src)
+
+
+# encoder-decoder model types people reach for as "small instruction models"
+ENCODER_DECODER = ("t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "longt5", "switch_transformers")
+
+
+def check_reachable(config_file: Path, spec: str) -> None:
+    """Refuse, in one line, the models edgekit cannot export whatever their family: encoder-decoders
+    and models whose code ships with the checkpoint (trust_remote_code)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{spec}: {config_file.name} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ExportError(f"{spec}: {config_file.name} is not a JSON object")
+    model_type = raw.get("model_type")
+    if raw.get("is_encoder_decoder") or model_type in ENCODER_DECODER:
+        raise ExportError(f"{spec}: {model_type!r} is an encoder-decoder model (e.g. Flan-T5); edgekit exports "
+                          "decoder-only language models: choose a decoder-only model of its size (e.g. SmolLM2, "
+                          "Qwen2.5-0.5B), or export it with Hugging Face Optimum's ONNX exporter (optimum-onnx)")
+    if raw.get("auto_map") and model_type not in CONFIG_MAPPING_NAMES:
+        raise ExportError(f"{spec}: {model_type!r} needs trust_remote_code (its modeling code ships with the "
+                          "checkpoint, e.g. ChatGLM-6B, MOSS, Baichuan); edgekit runs no code from a model folder: "
+                          "use a version of the model that transformers implements (GLM-4 for ChatGLM)")
 
 
 def fp32_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -67,7 +67,7 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def check_target_fit(model: onnx.ModelProto, arch: Architecture, options, say) -> None:
+def check_target_fit(model: onnx.ModelProto, arch: Architecture, options, flavour: str, say) -> None:
     """At export time: every operator runs on the target's execution providers, and the
     bundle fits in its memory (device/check.py). Fallbacks are reported; an operator no
     provider implements, or a bundle that cannot fit, raises ExportError."""
@@ -76,7 +76,7 @@ def check_target_fit(model: onnx.ModelProto, arch: Architecture, options, say) -
     target = options.target
     if "graph_flavour" not in target:  # the built-in default, not a targets/ profile: nothing to check against
         return
-    ops = graph_manifest(model, target["graph_flavour"])["operators"]
+    ops = graph_manifest(model, flavour)["operators"]
     report = check.check_operators(ops, target["execution_providers"])
     for line in report.lines():
         say(f"      {line}")
@@ -84,14 +84,14 @@ def check_target_fit(model: onnx.ModelProto, arch: Architecture, options, say) -
         raise ExportError(f"target {target['name']}: {report.summary()}; choose another graph flavour or target")
     quantized = options.quant not in (None, "none")
     level = target.get("matmulnbits_accuracy_level", 4)
-    est = check.estimate_memory(arch, initializer_bytes(model), target["graph_flavour"], quantized=quantized,
+    est = check.estimate_memory(arch, initializer_bytes(model), flavour, quantized=quantized,
                                 accuracy_level=level)
     budget = check.available_mb(target)
     say(f"      memory on {target['name']}: {est.describe()} of {budget:.0f} MB available")
     if est.total_mb > budget and getattr(options, "fit_context", False):
         # the graph does not depend on the context length beyond its rotary table, which may be longer:
         # a shorter KV cache is only the manifest's number
-        n = check.largest_context(arch, initializer_bytes(model), target["graph_flavour"], budget, quantized, level)
+        n = check.largest_context(arch, initializer_bytes(model), flavour, budget, quantized, level)
         if n is None:
             raise ExportError(f"target {target['name']}: the weights alone do not fit in {budget:.0f} MB; "
                               "quantize to fewer bits or choose a larger target")

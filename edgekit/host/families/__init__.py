@@ -11,18 +11,25 @@ Adding a family is adding a file here and its line below, with its parity tests
 from __future__ import annotations
 
 from edgekit.errors import ExportError
+from edgekit.host.families.bloom import Bloom
+from edgekit.host.families.falcon import Falcon
 from edgekit.host.families.gemma import Gemma, Gemma2, Gemma3
 from edgekit.host.families.glm import Glm, Glm4
+from edgekit.host.families.gpt_neox import GptNeoX
+from edgekit.host.families.gptj import GptJ
 from edgekit.host.families.granite import Granite
 from edgekit.host.families.llama import Llama
+from edgekit.host.families.mpt import Mpt
 from edgekit.host.families.olmo2 import Olmo2
+from edgekit.host.families.opt import Opt
 from edgekit.host.families.phi3 import Phi3
 from edgekit.host.families.qwen3 import Qwen3
 from edgekit.host.families.smollm3 import SmolLM3
 from edgekit.host.families.stablelm import StableLm
 
 FAMILIES: dict[str, type[Llama]] = {
-    t: cls for cls in (Llama, Phi3, Gemma, Gemma2, Gemma3, Qwen3, SmolLM3, Granite, Olmo2, StableLm, Glm, Glm4)
+    t: cls for cls in (Llama, Phi3, Gemma, Gemma2, Gemma3, Qwen3, SmolLM3, Granite, Olmo2, StableLm, Glm, Glm4,
+                       GptNeoX, GptJ, Falcon, Bloom, Opt, Mpt)
     for t in cls.model_types
 }
 SUPPORTED = tuple(sorted(FAMILIES))

@@ -64,6 +64,10 @@ class Llama:
     final_norm = "model.norm"
     lm_head = "lm_head"
     rotary_module = "model.rotary_emb"
+    attention_module = "self_attn"  # in a layer
+    o_proj = "o_proj"  # in the attention module
+    positions = "rope"  # rope | alibi | learned: what the manifest says the model uses
+    grouped_kv = True  # reads num_key_value_heads; False: every head has its own k and v
     # a layer's Linears and the input each reads: GPTQ builds one Hessian per input
     linears = {
         "self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
@@ -114,6 +118,8 @@ class Llama:
 
     @property
     def num_kv_heads(self) -> int:
+        if not self.grouped_kv:
+            return self.num_heads
         return getattr(self.config, "num_key_value_heads", None) or self.num_heads
 
     @property
@@ -123,6 +129,12 @@ class Llama:
     @property
     def eps(self) -> float:
         return float(self.config.rms_norm_eps)
+
+    @property
+    def intermediate_size(self) -> int:
+        """The MLP's width: the input features of the Linear that reads the MLP's activation."""
+        down = next(path for path, reads in self.linears.items() if reads == "down_in")
+        return self.model.get_submodule(f"{self.decoder_layers}.0.{down}").in_features
 
     def longest_context(self) -> int:
         """The longest context the graph computes exactly as transformers does."""
@@ -141,13 +153,13 @@ class Llama:
         ctx = context_length or min(DEFAULT_CONTEXT, longest)
         if ctx > longest:
             raise ExportError(f"context length {ctx} exceeds what this model supports ({longest})")
-        rope = rope_parameters(c)
+        rope = rope_parameters(c) if self.positions == "rope" else None
         sd = self.model.state_dict()
         return Architecture(
             model_type=c.model_type,
             num_layers=c.num_hidden_layers,
             hidden_size=c.hidden_size,
-            intermediate_size=getattr(c, "intermediate_size", None) or 4 * c.hidden_size,
+            intermediate_size=self.intermediate_size,
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
             head_size=self.head_size,
@@ -160,6 +172,7 @@ class Llama:
             attention_bias=any(f"{self.decoder_layers}.0.{path}.bias" in sd
                                for path, reads in self.linears.items() if reads == "attn_in"),
             tie_word_embeddings=is_tied(self.model),
+            positions=self.positions,
         )
 
     # -- the description ----------------------------------------------------------------------
@@ -177,10 +190,13 @@ class Llama:
         return Decoder(
             arch=arch, embed=self.w[f"{self.embed_tokens}.weight"], embed_name=self.embed_tokens,
             layers=[self.layer(i) for i in range(arch.num_layers)],
-            final_norm=self.norm(self.final_norm),
+            final_norm=self.final_layer_norm(),
             lm_head=None if head is None else Linear(head, self.w.get(f"{self.lm_head}.bias")),
             rotary=rotary, head_order=self.head_order,
         )
+
+    def final_layer_norm(self) -> Norm | None:
+        return self.norm(self.final_norm)
 
     def layer(self, i: int) -> Layer:
         p = f"{self.decoder_layers}.{i}"
@@ -194,9 +210,9 @@ class Llama:
             q, k = take_linear(q, per_head(self.head_order, self.num_heads)), \
                 take_linear(k, per_head(self.head_order, self.num_kv_heads))
             q_norm, k_norm = (_reorder_norm(nm, self.head_order, self.head_size) for nm in (q_norm, k_norm))
-        p = f"{self.decoder_layers}.{i}"
+        p = f"{self.decoder_layers}.{i}.{self.attention_module}"
         return Attention(
-            qkv=stack_linears([q, k, v]), o_proj=self.linear(f"{p}.self_attn.o_proj"),
+            qkv=stack_linears([q, k, v]), o_proj=self.linear(f"{p}.{self.o_proj}"),
             num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
             scale=float(self.head_size ** -0.5), rotary=self.rotary_key(i), window=self.window(i),
             q_norm=q_norm, k_norm=k_norm,
@@ -204,7 +220,7 @@ class Llama:
 
     def qkv(self, i: int) -> list[Linear]:
         """q, k and v as the checkpoint lays them out (heads in order, each head's dims as trained)."""
-        p = f"{self.decoder_layers}.{i}.self_attn"
+        p = f"{self.decoder_layers}.{i}.{self.attention_module}"
         return [self.linear(f"{p}.{k}_proj") for k in "qkv"]
 
     def qk_norms(self, i: int) -> tuple[Norm | None, Norm | None]:
@@ -263,6 +279,9 @@ class Llama:
         rotary_dim = widths.pop()
         if rotary_dim == self.head_size and not self.rotary_interleaved:
             return None
+        if (self.head_size - rotary_dim) % 2:
+            raise ExportError(f"{self.config.model_type}: rotary on {rotary_dim} of {self.head_size} dims per head "
+                              "leaves an odd number unrotated, which the graph's rotary layout cannot pair")
         return rotate_half_order(self.head_size, rotary_dim, self.rotary_interleaved)
 
     # -- reading weights ------------------------------------------------------------------------
@@ -271,7 +290,8 @@ class Llama:
         return Linear(self.w[f"{path}.weight"], self.w.get(f"{path}.bias"))
 
     def norm(self, path: str, eps: float | None = None) -> Norm:
-        weight = np.asarray(self.w[f"{path}.weight"], np.float32)
+        weight = self.w.get(f"{path}.weight")  # absent: a LayerNorm without elementwise affine (some OPTs)
+        weight = np.ones(self.config.hidden_size, np.float32) if weight is None else np.asarray(weight, np.float32)
         if self.norm_offset:
             weight = weight + np.float32(self.norm_offset)
         return Norm(path, weight, self.w.get(f"{path}.bias"), self.eps if eps is None else eps, rms=self.rms_norm)

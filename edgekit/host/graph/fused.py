@@ -41,6 +41,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
+from edgekit.errors import ExportError
 from edgekit.host.decoder import Attention, Decoder, Norm
 from edgekit.host.graph.proto import MS_DOMAIN, OPSET, Graph, branch_of, int64
 from edgekit.host.quant.nbits import NBitsWeight, W8A8Weight
@@ -56,6 +57,14 @@ class Fused:
         self.g = g
         self.decoder = decoder
         self.tables: dict[str, tuple[str, str]] = {}  # rotary key -> cos, sin cache names
+
+    @staticmethod
+    def check(decoder: Decoder) -> None:
+        """What onnxruntime's kernels need of the model, refused before any work."""
+        hd = decoder.arch.head_size
+        if hd % 16:
+            raise ExportError(f"head size {hd} is not a multiple of 16, which onnxruntime's GroupQueryAttention "
+                              "(the fused graph) needs; export the portable graph instead: --flavour portable")
 
     def inputs(self) -> list:
         return [
@@ -163,23 +172,21 @@ class Fused:
             local_window_size=att.window or -1, softcap=att.softcap)
         return out
 
-    def _alibi(self, slopes: np.ndarray) -> str:
-        """(1, heads, S, T): slope * key position, GQA's attention_bias, shared by every layer.
+    def _alibi(self, table: np.ndarray) -> str:
+        """GQA's attention_bias (1, heads, S, T): the ALiBi table's first T positions, shared by every layer.
 
-            Range(0, T) ──► Cast ──► × slopes (1, heads, 1, 1) ──► Expand (1, heads, S, T)
+            table (heads, ctx) ──► Slice[:, :T] ──► Unsqueeze (1, heads, 1, T) ──► Expand (1, heads, S, T)
         """
         g, n = self.g, "/model/alibi"
-        total = self._total()
-        keys = g.shared_op("Range", [g.shared("/model/const/zero", np.array(0, np.int64)), total,
-                                     g.shared("/model/const/one", np.array(1, np.int64))], f"{n}/Range")
-        keys_f = g.shared_op("Cast", [keys], f"{n}/Cast", to=TensorProto.FLOAT)
-        heads = len(slopes)
-        bias = g.shared_op("Mul", [keys_f, g.shared(f"{n}/slopes", slopes.astype(np.float32).reshape(1, heads, 1, 1))],
-                           f"{n}/Mul")
-        new = g.shared_op("Slice", [self._ids_shape(), g.shared(f"{n}/s1", int64(1)), g.shared(f"{n}/s2", int64(2))],
-                          f"{n}/Slice")  # (1,): S
-        total_1 = g.shared_op("Unsqueeze", [total, g.shared("/model/const/axes_0", int64(0))], f"{n}/Unsqueeze")
-        shape = g.shared_op("Concat", [g.shared(f"{n}/lead", int64(1, heads)), new, total_1], f"{n}/Concat", axis=0)
+        heads = table.shape[0]
+        total = g.shared_op("Unsqueeze", [self._total(), g.shared("/model/const/axes_0", int64(0))], f"{n}/Unsqueeze")
+        rows = g.shared_op("Slice", [g.shared("alibi_table", table.astype(np.float32)),
+                                     g.shared("/model/const/zero_1d", int64(0)), total,
+                                     g.shared("/model/const/one_1d", int64(1))], f"{n}/Slice")  # (heads, T)
+        bias = g.shared_op("Unsqueeze", [rows, g.shared(f"{n}/axes_0_2", int64(0, 2))], f"{n}/Unsqueeze_1")
+        new = g.shared_op("Slice", [self._ids_shape(), g.shared("/model/const/one_1d", int64(1)),
+                                    g.shared(f"{n}/two_1d", int64(2))], f"{n}/Slice_1")  # (1,): S
+        shape = g.shared_op("Concat", [g.shared(f"{n}/lead", int64(1, heads)), new, total], f"{n}/Concat", axis=0)
         return g.shared_op("Expand", [bias, shape], f"{n}/Expand")
 
 

@@ -48,6 +48,10 @@ class Portable:
         self.decoder = decoder
         self.tables: dict[str, tuple[str, str]] = {}  # rotary key -> full (positions, head_size) cos, sin
 
+    @staticmethod
+    def check(decoder: Decoder) -> None:
+        """Standard operators express every part of the description."""
+
     def inputs(self) -> list:
         return [
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
@@ -194,18 +198,22 @@ class Portable:
         return (g.shared_op("Unsqueeze", [c, "/model/const/axes_2"], f"{n}/Unsqueeze"),
                 g.shared_op("Unsqueeze", [s, "/model/const/axes_2"], f"{n}/Unsqueeze_1"))
 
-    def _key_positions(self) -> str:
-        """0..T-1 (T,): the cache holds every position in order; T comes from the past's shape.
+    def _total(self) -> str:
+        """T = P + S, an int64 scalar: the past's length from its shape, plus the new tokens.
 
-            past (B,nkv,P,hd) ──► Shape[2] = P ──► + S ──► Range(0, T)
+            past (B,nkv,P,hd) ──► Shape[2] = P ──► + S
         """
         g, n = self.g, "/model/attn_mask"
         past_shape = g.shared_op("Shape", ["past_key_values.0.key"], f"{n}/Shape")
         past_len = g.shared_op("Gather", [past_shape, g.shared(f"{n}/idx2", np.array(2, np.int64))], f"{n}/Gather")
         ids_shape = g.shared_op("Shape", ["input_ids"], f"{n}/Shape_1")
         new_len = g.shared_op("Gather", [ids_shape, g.shared(f"{n}/idx1", np.array(1, np.int64))], f"{n}/Gather_1")
-        total = g.shared_op("Add", [past_len, new_len], f"{n}/Add")
-        return g.shared_op("Range", [g.shared(f"{n}/zero", np.array(0, np.int64)), total,
+        return g.shared_op("Add", [past_len, new_len], f"{n}/Add")
+
+    def _key_positions(self) -> str:
+        """0..T-1 (T,): the cache holds every position in order."""
+        g, n = self.g, "/model/attn_mask"
+        return g.shared_op("Range", [g.shared(f"{n}/zero", np.array(0, np.int64)), self._total(),
                                      g.shared(f"{n}/one", np.array(1, np.int64))], f"{n}/Range")
 
     def _causal_mask(self, window: int | None) -> str:
@@ -228,15 +236,17 @@ class Portable:
         mask = g.shared_op("Where", [allowed, zero, lowest], f"{n}/Where")
         return g.shared_op("Unsqueeze", [mask, g.shared("/model/attn_mask/axes_1_2", int64(1, 2))], f"{n}/Unsqueeze_1")
 
-    def _alibi(self, slopes: np.ndarray, kv_heads: int, group: int) -> str:
-        """(1, nkv, g, 1, T): slope * key position, in the grouped score layout.
+    def _alibi(self, table: np.ndarray, kv_heads: int, group: int) -> str:
+        """(1, nkv, g, 1, T): the ALiBi table's first T positions, in the grouped score layout.
 
-            key_pos (T,) ──► Cast ──► × slopes (1, nkv, g, 1, 1)
+            table (heads, ctx) ──► Slice[:, :T] ──► Reshape (1, nkv, g, 1, T)
         """
         g, n = self.g, "/model/alibi"
-        keys_f = g.shared_op("Cast", [self._key_positions()], f"{n}/Cast", to=TensorProto.FLOAT)
-        slopes = g.shared(f"{n}/slopes", slopes.astype(np.float32).reshape(1, kv_heads, group, 1, 1))
-        return g.shared_op("Mul", [keys_f, slopes], f"{n}/Mul")
+        total = g.shared_op("Unsqueeze", [self._total(), g.shared("/model/const/axes_0", int64(0))], f"{n}/Unsqueeze")
+        rows = g.shared_op("Slice", [g.shared("alibi_table", table.astype(np.float32)),
+                                     g.shared("/model/const/zero_1d", int64(0)), total,
+                                     g.shared("/model/const/one_1d", int64(1))], f"{n}/Slice")  # (heads, T)
+        return g.shared_op("Reshape", [rows, g.shared(f"{n}/shape", int64(1, kv_heads, group, 1, -1))], f"{n}/Reshape")
 
 
 def _rms_norm(g: Graph, name: str, x: str, weight: str, eps: float) -> str:

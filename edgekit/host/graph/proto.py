@@ -35,7 +35,9 @@ class Graph:
         return outputs
 
     def const(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.asarray(array)  # a 0-d array stays a scalar (ascontiguousarray would make it 1-d)
+        self.initializers.append(numpy_helper.from_array(array if array.ndim == 0 else np.ascontiguousarray(array),
+                                                         name))
         return name
 
     def shared(self, name: str, array: np.ndarray) -> str:

@@ -40,6 +40,7 @@ def build(decoder: Decoder, flavour: str = "fused") -> onnx.ModelProto:
     assert len(decoder.layers) == arch.num_layers, (len(decoder.layers), arch.num_layers)
     for key, rot in decoder.rotary.items():  # positions beyond the table would read garbage
         assert rot.cos.shape == (arch.context_length, arch.head_size // 2), (key, rot.cos.shape)
+    FLAVOURS[flavour].check(decoder)
     g = Graph()
     f = FLAVOURS[flavour](g, decoder)
     b = _Builder(g, f)

@@ -228,7 +228,7 @@ def _scale_groups(layer, family, feats: dict) -> list[tuple]:
     return groups
 
 
-def _awq_layer(layer, family, feats: dict, kwargs: dict, spec: QuantSpec, config) -> dict:
+def _awq_layer(layer, family, feats: dict, kwargs: layerwise.LayerKwargs, spec: QuantSpec, config) -> dict:
     """Scale search and apply, then clip search, then RTN of the scaled, clipped weights."""
     inputs = {}
     for sg, prev, fcs, x in _scale_groups(layer, family, feats):

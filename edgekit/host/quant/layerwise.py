@@ -37,10 +37,23 @@ class _Stop(Exception):
     pass
 
 
+class LayerKwargs:
+    """The keyword arguments the model passes to each layer (rotary cos/sin, mask, ALiBi) for a
+    batch of b samples. Calibration samples have no padding, so they depend on b only; they are
+    captured once per batch size by running the model up to its first layer."""
+
+    def __init__(self, model, first_layer, ids: torch.Tensor):
+        self.model, self.first_layer, self.ids = model, first_layer, ids
+        self.by_batch: dict[int, dict] = {}
+
+    def __call__(self, b: int) -> dict:
+        if b not in self.by_batch:
+            self.by_batch[b] = _capture(self.model, self.first_layer, self.ids[:b])[1]
+        return self.by_batch[b]
+
+
 @torch.no_grad()
-def first_layer_inputs(model, first_layer, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """The hidden states (N, L, hidden) entering `first_layer` and the keyword arguments the model
-    passes to every layer (rotary cos/sin, mask, ALiBi), captured by stopping the model there."""
+def _capture(model, first_layer, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     captured = {}
 
     def grab(module, args, kwargs):
@@ -60,25 +73,27 @@ def first_layer_inputs(model, first_layer, ids: torch.Tensor) -> tuple[torch.Ten
     return captured["hidden"], kwargs
 
 
-def _rows(kwargs: dict, n: int, lo: int, hi: int) -> dict:
-    """kwargs for samples lo:hi: tensors with a batch dimension of n are sliced (a mask)."""
-    return {k: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() > 2 and v.shape[0] == n > 1 else v
-            for k, v in kwargs.items()}
+def first_layer_inputs(model, first_layer, ids: torch.Tensor) -> tuple[torch.Tensor, LayerKwargs]:
+    """The hidden states (N, L, hidden) entering `first_layer`, and the layers' keyword arguments."""
+    hidden, kwargs = _capture(model, first_layer, ids)
+    layer_kwargs = LayerKwargs(model, first_layer, ids)
+    layer_kwargs.by_batch[ids.shape[0]] = kwargs
+    return hidden, layer_kwargs
 
 
 @torch.no_grad()
-def run_layer(layer, hidden: torch.Tensor, kwargs: dict, chunk: int = 8) -> torch.Tensor:
+def run_layer(layer, hidden: torch.Tensor, kwargs: LayerKwargs, chunk: int = 8) -> torch.Tensor:
     """layer(hidden) for all N samples, `chunk` at a time; (N, L, hidden)."""
-    n = hidden.shape[0]
     out = []
-    for lo in range(0, n, chunk):
-        y = layer(hidden[lo:lo + chunk], **_rows(kwargs, n, lo, lo + chunk))
+    for lo in range(0, hidden.shape[0], chunk):
+        x = hidden[lo:lo + chunk]
+        y = layer(x, **kwargs(x.shape[0]))
         out.append(y[0] if isinstance(y, tuple) else y)
     return torch.cat(out)
 
 
 @torch.no_grad()
-def linear_inputs(layer, inputs: dict[str, str], hidden: torch.Tensor, kwargs: dict,
+def linear_inputs(layer, inputs: dict[str, str], hidden: torch.Tensor, kwargs: LayerKwargs,
                   chunk: int = 8) -> tuple[dict, torch.Tensor]:
     """The inputs of the layer's Linears while it runs on `hidden`: for each key of `inputs`
     (inputs_of) -> (N, L, in_features), and the layer's output (N, L, hidden)."""
@@ -90,22 +105,24 @@ def linear_inputs(layer, inputs: dict[str, str], hidden: torch.Tensor, kwargs: d
     finally:
         for h in handles:
             h.remove()
-    return {k: torch.cat(v) for k, v in got.items()}, out
+    # (N, L, in) each; a layer that flattens tokens before a Linear (OPT's MLP) gives (N * L, in)
+    return {k: torch.cat(v).reshape(-1, hidden.shape[1], v[0].shape[-1]) for k, v in got.items()}, out
 
 
-def scorer(layer, paths: tuple[str, ...], kwargs: dict):
+def scorer(layer, paths: tuple[str, ...], kwargs: LayerKwargs):
     """x (S, L, in) -> the sum of the outputs of the modules `paths` of `layer` run on x, for AWQ's
     loss. A module whose forward takes more than x (attention: rotary cos/sin, mask, ALiBi) gets
-    those of the layer's keyword arguments it names."""
+    those of the layer's keyword arguments it names; one that adds the residual itself (BLOOM's and
+    MPT's attention and MLP take `residual`) gets zeros, so that only its own output is scored."""
     modules = [layer.get_submodule(p) for p in paths]
     names = [set(inspect.signature(m.forward).parameters) for m in modules]
 
     def score(x: torch.Tensor) -> torch.Tensor:
-        kw = {k: v[: x.shape[0]] if isinstance(v, torch.Tensor) and v.dim() > 2 and v.shape[0] > 1 else v
-              for k, v in kwargs.items()}  # a per-sample mask follows x's first samples
+        kw = kwargs(x.shape[0])
         total = None
         for module, accepts in zip(modules, names):
-            y = module(x, **{k: v for k, v in kw.items() if k in accepts})
+            extra = {"residual": torch.zeros_like(x)} if "residual" in accepts else {}
+            y = module(x, **{k: v for k, v in kw.items() if k in accepts}, **extra)
             y = y[0] if isinstance(y, tuple) else y
             total = y if total is None else total + y
         return total
