@@ -52,7 +52,7 @@ def test_unsupported_architecture_lists_what_is_supported(tmp_path):
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
     r = edgekit("export", tmp_path / "gpt2", "--out", tmp_path / "b")
-    assert_one_line_error(r, "'gpt2' is not supported; supported: gemma, gemma2")
+    assert_one_line_error(r, "'gpt2' is not supported; supported: bloom, falcon, gemma")
     assert not (tmp_path / "b").exists()
 
 
