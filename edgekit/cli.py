@@ -74,6 +74,9 @@ def _add_export(sub) -> None:
     p.add_argument("--flavour", choices=["fused", "portable"],
                    help="graph operators: fused (onnxruntime's contrib operators) or portable (standard ONNX only); "
                         "default: the target's, else fused")
+    p.add_argument("--chat-template", metavar="NAME|FILE",
+                   help="the chat template to ship: alpaca (= dolly), oasst, or a Jinja file (default: the model's "
+                        "own; models without one take plain prompts)")
     p.add_argument("--fit-context", action="store_true",
                    help="shrink the context length until the bundle fits the target's memory instead of refusing")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH[:WEIGHT]",
@@ -119,6 +122,7 @@ def _run_export(args) -> int:
                                 calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
                                 damp=args.damp, act_order=args.act_order, awq_grid=args.awq_grid, alpha=args.alpha,
                                 lm_head_bits=args.lm_head_bits, flavour=args.flavour,
+                                chat_template=args.chat_template,
                                 fit_context=args.fit_context, **({"target": t.path} if t else {}))
         out = Path(args.out) / t.name if len(targets) > 1 else args.out  # several targets: one folder each
         print(export(args.source, out, options))

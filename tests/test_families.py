@@ -328,3 +328,39 @@ def test_models_out_of_reach_are_refused_with_why_and_what_instead(config, refus
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     assert_one_line_error(edgekit("export", tmp_path / "m", "--out", tmp_path / "b"), refusal)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_model_without_a_chat_template_takes_plain_prompts_or_an_instruction_format(tiny, tmp_path):
+    """Pythia, Dolly, MPT and the other open models mostly ship no chat template: plain prompts in
+    their fine-tune's instruction format work, and --chat-template alpaca (= dolly) or oasst gives
+    them one, so that chat messages (CLI --chat, MQTT) work too."""
+    import shutil
+
+    from edgekit.device.chat import ChatFormatError
+    from edgekit.host.chat_format import INSTRUCTION_FORMATS
+
+    folder, _ = tiny("pythia")
+    plain = tmp_path / "no-template"
+    shutil.copytree(folder, plain)
+    for f in plain.glob("chat_template.*"):
+        f.unlink()
+    config = plain / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"chat_template"', '"_no_chat_template"'))
+
+    model = Model(export(plain, tmp_path / "plain", **QUIET))
+    assert model.manifest.chat is None
+    dolly = "### Instruction:\nName a planet.\n\n### Response:\n"
+    assert model.generate(dolly, max_new_tokens=4, temperature=0.0, stop=["### End"]).stats.new_tokens >= 1
+    with pytest.raises(ChatFormatError, match="no chat template; pass a plain prompt"):
+        model.encode([{"role": "user", "content": "Name a planet."}])
+
+    model = Model(export(plain, tmp_path / "dolly", ExportOptions(chat_template="dolly"), **QUIET))
+    assert (tmp_path / "dolly" / "chat_template.jinja").read_text() == INSTRUCTION_FORMATS["dolly"]
+    ids = model.encode([{"role": "user", "content": "Name a planet."}])
+    intro = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+             "request.\n\n")
+    assert model.tokenizer.decode(ids) == intro + dolly
+    assert model.generate([{"role": "user", "content": "Name a planet."}], max_new_tokens=4).stats.new_tokens >= 1
+
+    with pytest.raises(ExportError, match="neither a file nor a known format"):
+        export(plain, tmp_path / "bad", ExportOptions(chat_template="vicuna"), **QUIET)

@@ -9,6 +9,7 @@ rebuilt from the pieces must equal the template's own output, byte for byte.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from edgekit.device import chat as device_chat
 from edgekit.errors import ExportError
@@ -27,6 +28,45 @@ CHECKS = [
      ("assistant", "Done: the cube is in the gripper."), ("user", "Now put it\non the shelf.")],
     [("user", "Hi"), ("assistant", "Hello! How can I help?"), ("user", "Tell me a joke.")],
 ]
+
+
+# The instruction formats of the open models' fine-tunes that ship without a chat template, as
+# templates (`edgekit export --chat-template NAME`): Dolly v2, MPT-instruct and Alpaca fine-tunes
+# share the Alpaca format; Open Assistant's Pythia fine-tunes use prompter/assistant tokens.
+_ALPACA_INTRO = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request.")
+INSTRUCTION_FORMATS = {
+    "alpaca": (
+        "{%- if messages[0]['role'] != 'system' -%}{{ '" + _ALPACA_INTRO + "\\n\\n' }}{%- endif -%}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'system' -%}{{ m['content'] + '\\n\\n' }}"
+        "{%- elif m['role'] == 'user' -%}{{ '### Instruction:\\n' + m['content'] + '\\n\\n' }}"
+        "{%- else -%}{{ '### Response:\\n' + m['content'] + '\\n\\n' }}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '### Response:\\n' }}{%- endif -%}"),
+    "oasst": (
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'system' -%}{{ '<|system|>' + m['content'] + '<|endoftext|>' }}"
+        "{%- elif m['role'] == 'user' -%}{{ '<|prompter|>' + m['content'] + '<|endoftext|>' }}"
+        "{%- else -%}{{ '<|assistant|>' + m['content'] + '<|endoftext|>' }}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|assistant|>' }}{%- endif -%}"),
+}
+INSTRUCTION_FORMATS["dolly"] = INSTRUCTION_FORMATS["alpaca"]
+
+
+def template_text(spec: str) -> str:
+    """A chat template by instruction-format name (INSTRUCTION_FORMATS) or from a Jinja file."""
+    if spec in INSTRUCTION_FORMATS:
+        return INSTRUCTION_FORMATS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ExportError(f"--chat-template {spec}: neither a file nor a known format "
+                          f"({', '.join(sorted(INSTRUCTION_FORMATS))})")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ExportError(f"--chat-template {spec}: not a UTF-8 text file") from None
 
 
 def marker(k: int) -> str:

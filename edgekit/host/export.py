@@ -43,6 +43,7 @@ class ExportOptions:
     target: dict | str = field(default_factory=lambda: dict(DEFAULT_TARGET))
     adapters: list[str] = field(default_factory=list)  # "[name=]path[:weight]" specs (host/adapters.py)
     flavour: str | None = None  # fused | portable (host/graph/); None: the target's, else fused
+    chat_template: str | None = None  # an instruction-format name or a Jinja file; None: the model's own
     # quantization (host/quant/); None means the method's or the target's default
     quant: str | None = None  # none | rtn | gptq | awq | smoothquant
     bits: int | None = None
@@ -71,6 +72,8 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     say = progress or _stderr
     out = Path(out)
     _check_out(out)
+    if options.chat_template:
+        chat_format.template_text(options.chat_template)  # an unknown format fails before the model loads
     quantizing = options.quant not in (None, "none")
     if not quantizing:
         _check_no_quant_flags(options)
@@ -136,6 +139,8 @@ def write_bundle(folder: Path, loaded: LoadedModel, arch, model_proto: onnx.Mode
     onnx.save_model(model_proto, folder / "model.onnx", save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
     tok = loaded.tokenizer
+    if options.chat_template:
+        tok.chat_template = chat_format.template_text(options.chat_template)
     tok.backend_tokenizer.save(str(folder / "tokenizer.json"))
     chat = chat_format.derive(tok)
     if chat is not None:
