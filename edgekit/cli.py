@@ -23,17 +23,26 @@ class UserError(Exception):
     """A mistake the user can fix; printed as one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake said in one line that points to the command's own --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgekit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="edgekit", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the runtime decides")
     parser.add_argument("--version", action="version", version=f"edgekit {edgekit.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_export(sub)
     _add_generate(sub)
     _add_info(sub)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand, whose flags the user was giving
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="edgekit: %(message)s", stream=sys.stderr)
     try:
@@ -48,14 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
-    """Errors about the user's input: ValueError (settings, prompts, profiles), OSError
-    (paths), and the bundle and export errors. Anything else is a bug and keeps its traceback."""
-    from edgekit.device.bundle import BundleError
+    """Errors about the user's input: EdgekitError (bundles, exports), ValueError (settings, prompts,
+    profiles), OSError (paths). Anything else is a bug and keeps its traceback."""
+    from edgekit.errors import EdgekitError
 
-    if isinstance(e, (UserError, ValueError, OSError, BundleError)):
-        return True
-    host = sys.modules.get("edgekit.host.load")
-    return host is not None and isinstance(e, host.ExportError)
+    return isinstance(e, (UserError, EdgekitError, ValueError, OSError))
 
 
 # -- export ------------------------------------------------------------------------
@@ -194,11 +200,13 @@ def _add_info(sub) -> None:
 
 
 def _run_info(args) -> int:
-    from edgekit.device.bundle import bundle_hash, read_manifest
+    from edgekit.device import Model
 
-    m = read_manifest(args.bundle)
+    model = Model(args.bundle, threads=1)  # opens everything a device would: hashes, graph, tokenizer, prefix
+    m = model.manifest
     a = m.architecture
-    print(f"bundle        {args.bundle} ({bundle_hash(m)}), format {m.format_version}, all files verified")
+    print(f"bundle        {args.bundle} ({model.bundle_hash}), format {m.format_version}, all files verified "
+          "(hashes, graph, tokenizer)")
     print(f"architecture  {a.model_type}: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}/"
           f"{a.num_kv_heads} kv, head size {a.head_size}, vocab {a.vocab_size}, context {a.context_length}")
     print(f"quantization  {m.quantization}")

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgekit.cli import main as cli
 from edgekit.device import Model
@@ -371,6 +373,13 @@ def _prefix_for_other_layers(tmp: Path, make_tiny) -> Path:
     return train(folder, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), tmp / "prefix3", steps=1)
 
 
+def _config_not_an_object(tmp: Path, lora_a: Path) -> Path:
+    copy = tmp / "list_config"
+    shutil.copytree(lora_a, copy)
+    (copy / "adapter_config.json").write_text("[1, 2]")
+    return copy
+
+
 def _without(tmp: Path, lora_a: Path, name: str) -> Path:
     copy = tmp / f"no_{name.split('.')[0]}"
     shutil.copytree(lora_a, copy)
@@ -397,6 +406,14 @@ BAD = {
                       "use_dora adapters cannot be weighted or combined"),
     "weighted prefix": (lambda tmp, base, **k: f"{_prefix(tmp, base)}:0.5",
                         "a prefix-tuning adapter cannot be weighted"),
+    "config not an object": (lambda tmp, lora_a, **k: _config_not_an_object(tmp, lora_a),
+                             "adapter_config.json is not a JSON object"),
+    "weight nan": (lambda tmp, lora_a, **k: f"{lora_a}:nan", "the weight must be a finite number"),
+    "weight inf": (lambda tmp, lora_a, **k: f"{lora_a}:-inf", "the weight must be a finite number"),
+    "weight missing": (lambda tmp, lora_a, **k: f"{lora_a}:", "the weight '' after ':' is not a number"),
+    "weight not a number": (lambda tmp, lora_a, **k: f"a={lora_a}:notanumber",
+                            "the weight 'notanumber' after ':' is not a number"),
+    "empty": (lambda tmp, **k: "", "--adapter is empty"),
 }
 
 
@@ -420,6 +437,59 @@ def test_command_line_prints_one_line_for_a_bad_adapter(base, tmp_path, capsys):
 def test_two_adapters_with_one_name_are_refused(base, lora_a, tmp_path):
     with pytest.raises(ExportError, match="two adapters are named 'x'"):
         export(base, tmp_path / "b", ExportOptions(adapters=[f"x={lora_a}", f"x={lora_a}:0.5"]), **QUIET)
+
+
+@settings(max_examples=60, deadline=None)
+@given(weight=st.text(min_size=0, max_size=12).filter(lambda t: "/" not in t and "\x00" not in t))
+def test_a_weight_after_an_existing_folder_is_a_finite_number_or_refused_as_a_weight(weight, lora_a):
+    """The class of --adapter PATH:WEIGHT mistakes: never reported as a missing folder."""
+    from edgekit.host.adapters import parse_spec
+
+    try:
+        spec = parse_spec(f"{lora_a}:{weight}")
+    except ExportError as e:
+        assert "weight" in str(e) and "no such folder" not in str(e)
+    else:
+        assert spec.path == lora_a and np.isfinite(spec.weight)
+
+
+def test_a_lora_with_bias_merges_exactly_even_where_the_base_layer_has_none(base, base_bundle, ids_steps, tmp_path):
+    """lora_bias=True gives each adapted Linear a bias; the bundle adds it (llama has no q/v/down bias)."""
+    from peft import PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(fresh(base), lora(target_modules=["q_proj", "v_proj", "down_proj"], lora_bias=True,
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "bias_lora")
+    bundle = export(base, tmp_path / "b", ExportOptions(adapters=[str(tmp_path / "bias_lora")]), **QUIET)
+    reference = PeftModel.from_pretrained(fresh(base), tmp_path / "bias_lora").eval()
+    worst, base_diff = check_against(bundle, reference, base_bundle, ids_steps)
+    assert worst < ATOL and base_diff > DIFFERS
+
+
+def test_trainable_tokens_on_a_tied_embedding_reach_both_ends(base, base_bundle, ids_steps, tmp_path):
+    """peft's trainable_token_indices updates rows of a tied embedding, input and output alike: merged into
+    the one tensor, the bundle gives peft's logits (the tiny base ties lm_head to the embedding)."""
+    from peft import PeftModel, get_peft_model
+
+    ids, steps = ids_steps
+    rows = sorted({*ids[:3], *steps[:2]})  # tokens the check feeds and scores
+    torch.manual_seed(0)
+    peft_model = get_peft_model(fresh(base), lora(target_modules=["q_proj"], trainable_token_indices=rows,
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "token_adapter" in name or "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "tokens")
+    bundle = export(base, tmp_path / "b", ExportOptions(adapters=[str(tmp_path / "tokens")]), **QUIET)
+    reference = PeftModel.from_pretrained(fresh(base), tmp_path / "tokens").eval()
+    worst, base_diff = check_against(bundle, reference, base_bundle, ids_steps)
+    assert worst < ATOL and base_diff > DIFFERS
 
 
 # -- the real model -----------------------------------------------------------------------

@@ -87,3 +87,82 @@ def test_a_bundle_is_written_with_the_users_umask(tiny_folder, tmp_path):
     assert stat.S_IMODE(bundle.stat().st_mode) == 0o755
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in bundle.iterdir()} == \
         {p.name: 0o644 for p in bundle.iterdir()}
+
+
+# -- damaged bundles whose hashes were rewritten: every one is one line naming the file --------------
+
+
+def rehash(bundle) -> None:
+    """What a careless copy tool or a hand edit does: the files change and the manifest is re-hashed."""
+    from edgekit.device.bundle import sha256_file
+
+    raw = json.loads((bundle / MANIFEST).read_text())
+    raw["files"] = {name: sha256_file(bundle / name) for name in raw["files"]}
+    (bundle / MANIFEST).write_text(json.dumps(raw))
+
+
+def _random_model(b):
+    (b / "model.onnx").write_bytes(bytes(range(256)) * 40)
+
+
+def _truncated_data(b):
+    data = b / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+
+def _bad_tokenizer(b):
+    (b / "tokenizer.json").write_text('{"version": "1.0", "model": 3}')
+
+
+def _layers(b, n):
+    raw = json.loads((b / MANIFEST).read_text())
+    raw["architecture"]["num_layers"] = n
+    (b / MANIFEST).write_text(json.dumps(raw))
+
+
+def _manifest(b, text):
+    (b / MANIFEST).write_text(text)
+
+
+def _arch_field(b, key, value):
+    raw = json.loads((b / MANIFEST).read_text())
+    raw["architecture"][key] = value
+    (b / MANIFEST).write_text(json.dumps(raw))
+
+
+DAMAGE = {  # damage -> what the one line must say
+    "random model.onnx": (_random_model, "model.onnx: onnxruntime cannot load the graph"),
+    "truncated model.onnx.data": (_truncated_data, "onnxruntime cannot load the graph"),
+    "invalid tokenizer.json": (_bad_tokenizer, "tokenizer.json: not a tokenizers file"),
+    "more layers than the graph": (lambda b: _layers(b, 3), "caches keys for 2 layers, the manifest says 3"),
+    "manifest not an object": (lambda b: _manifest(b, "[1, 2, 3]"), "the manifest is not a JSON object"),
+    "manifest without architecture": (lambda b: _manifest(b, '{"format_version": 1}'), "architecture is missing"),
+    "kv heads as a string": (lambda b: _arch_field(b, "num_kv_heads", "2"), "num_kv_heads must be an integer"),
+    "a bool for the vocabulary": (lambda b: _arch_field(b, "vocab_size", True), "vocab_size must be an integer"),
+    "a different vocabulary": (lambda b: _arch_field(b, "vocab_size", 1000), "a vocabulary of 1000"),
+    "a different head size": (lambda b: _arch_field(b, "head_size", 32), "32)"),
+    "a file outside the bundle": (lambda b: _manifest(b, (b / MANIFEST).read_text().replace(
+        '"tokenizer.json"', '"../tokenizer.json"')), "not a file of the bundle folder"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_bundle_is_refused_in_one_line_naming_the_file(damage, tiny_bundle, tmp_path):
+    from test_cli import assert_one_line_error, edgekit
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
+    hurt, says = DAMAGE[damage]
+    hurt(bundle)
+    if damage in ("random model.onnx", "truncated model.onnx.data", "invalid tokenizer.json"):
+        rehash(bundle)  # the files changed and their hashes were rewritten to match
+    with pytest.raises(BundleError, match=says.replace("(", r"\(").replace(")", r"\)")):
+        Model(bundle)
+    for command in (("info", bundle), ("generate", bundle, "hi")):
+        assert_one_line_error(edgekit(*command), says)
+
+
+def test_settings_out_of_range_are_refused(tiny_bundle):
+    with pytest.raises(ValueError, match="threads must be a whole number >= 0"):
+        Model(tiny_bundle, threads=-1)
+    with pytest.raises(ValueError, match="context_length must be a whole number >= 2"):
+        Model(tiny_bundle, context_length=0)

@@ -90,3 +90,31 @@ def test_version_is_the_package_version():
 
     r = edgekit("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"edgekit {__version__}"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["export"], "edgekit export: error: the following arguments are required: source, --out"),
+    (["export", "x", "--out", "y", "--quant", "foo"], "edgekit export: error: argument --quant: invalid choice"),
+    (["export", "x", "--out", "y", "--frob"], "edgekit export: error: unrecognized arguments: --frob"),
+    (["generate", "b", "--temperature", "warm"], "edgekit generate: error: argument --temperature"),
+    (["eval", "perplexity"], "edgekit eval perplexity: error: the following arguments are required"),
+    (["frobnicate"], "edgekit: error: argument COMMAND: invalid choice: 'frobnicate'"),
+])
+def test_command_line_mistakes_are_one_line_with_the_commands_help(argv, says):
+    r = edgekit(*argv)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr  # one line, no usage block
+    assert r.stderr.startswith(says) and r.stderr.strip().endswith("--help)")
+
+
+def test_a_hub_id_says_that_edgekit_never_downloads(tmp_path):
+    r = edgekit("export", "HuggingFaceTB/SmolLM2-360M-Instruct", "--out", tmp_path / "b")
+    assert_one_line_error(r, "edgekit never downloads models")
+    assert "huggingface-cli download HuggingFaceTB/SmolLM2-360M-Instruct --local-dir DIR" in r.stderr
+
+
+def test_a_prompt_that_is_not_valid_text_is_one_line(tiny_bundle):
+    # what Python makes of invalid UTF-8 bytes in argv: lone surrogates
+    r = subprocess.run([sys.executable, "-m", "edgekit.cli", "generate", str(tiny_bundle), "caf\udce9"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

@@ -119,6 +119,7 @@ def test_export_for_several_targets_writes_one_bundle_each(multi_target):
     levels = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
               if a.name == "accuracy_level"}
     assert levels == {1}  # the target's, for its ISA
+    assert m.quantization["accuracy_level"] == 1  # and the manifest says what the graph does
 
     nano = Model(multi_target / "jetson-orin-nano")
     assert nano.manifest.graph["flavour"] == "portable"

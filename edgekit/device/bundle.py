@@ -8,23 +8,25 @@ A bundle is a folder:
     chat_template.jinja   the model's own chat template, when it has one
     edgekit.json          this manifest: what the graph is, how to run it, sha256 of every file
 
-Both sides import this module; it imports nothing but the standard library.
+Both sides import this module; it imports nothing but the standard library (and edgekit.errors).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from edgekit.errors import EdgekitError
 
 FORMAT_VERSION = 1
 MANIFEST = "edgekit.json"
 
 
-class BundleError(Exception):
-    """A bundle that cannot be used: missing, altered, or from a newer edgekit."""
+class BundleError(EdgekitError):
+    """A bundle that cannot be used: missing, altered, damaged, inconsistent, or from a newer edgekit."""
 
 
 @dataclass
@@ -69,10 +71,81 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
-        d = dict(d)
-        d["architecture"] = Architecture(**d["architecture"])
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        """The manifest in `d`, checked field by field; unknown fields (from a newer edgekit of the same
+        format version) are ignored. Raises ValueError naming the first field that is wrong."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        for name, kind in _MANIFEST_FIELDS.items():
+            _expect(d, name, kind, "")
+        arch = d["architecture"]
+        a_known = {f.name for f in fields(Architecture)}
+        for name, kind in _ARCH_FIELDS.items():
+            _expect(arch, name, kind, "architecture.")
+        for name in _POSITIVE:
+            if arch[name] < 1:
+                raise ValueError(f"architecture.{name} must be at least 1, got {arch[name]}")
+        if arch["num_heads"] % arch["num_kv_heads"]:
+            raise ValueError(f"architecture.num_heads ({arch['num_heads']}) is not a multiple of num_kv_heads "
+                             f"({arch['num_kv_heads']})")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in d["files"].items()):
+            raise ValueError("files must map file names to sha256 strings")
+        d = dict(d, architecture=Architecture(**{k: v for k, v in arch.items() if k in a_known}))
         return cls(**d)
+
+
+def _expect(d: dict, name: str, kind, where: str) -> None:
+    if name not in d:
+        raise ValueError(f"{where}{name} is missing")
+    value = d[name]
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, (int, float)))
+    if not ok:
+        raise ValueError(f"{where}{name} must be {_KIND_NAMES.get(kind, kind)}, got {json.dumps(value)[:60]}")
+
+
+_KIND_NAMES = {int: "an integer", (int, float): "a number", str: "a string", dict: "an object", list: "a list",
+               bool: "true or false"}
+_MANIFEST_FIELDS = {"architecture": dict, "quantization": dict, "target": dict, "graph": dict, "generation": dict,
+                    "files": dict, "format_version": int}
+_ARCH_FIELDS = {"model_type": str, "num_layers": int, "hidden_size": int, "intermediate_size": int, "num_heads": int,
+                "num_kv_heads": int, "head_size": int, "vocab_size": int, "context_length": int,
+                "rms_norm_eps": (int, float), "rope_theta": (int, float)}
+_POSITIVE = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_size", "vocab_size", "context_length")
+
+
+def check_graph(folder: Path, manifest: Manifest, inputs: dict[str, list], outputs: dict[str, list]) -> None:
+    """The graph's inputs and outputs (name -> shape, a dim an int or a name) are the ones `manifest`
+    describes: its flavour's inputs, one key/value cache pair per layer of (kv_heads, head_size),
+    logits over the vocabulary. Raises BundleError naming what differs."""
+    a = manifest.architecture
+    where = f"{folder}: model.onnx does not match {MANIFEST}"
+    flavour = manifest.graph.get("flavour", "fused")
+    want = FLAVOUR_INPUTS.get(flavour)
+    if want is None:
+        raise BundleError(f"{folder}: {MANIFEST} names graph flavour {flavour!r}; this runtime knows "
+                          f"{', '.join(FLAVOUR_INPUTS)}")
+    missing = [n for n in want if n not in inputs]
+    if missing:
+        raise BundleError(f"{where}: the graph has no input {missing[0]} (a {flavour} graph needs {', '.join(want)})")
+    layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+    if layers != a.num_layers:
+        raise BundleError(f"{where}: the graph caches keys for {layers} layers, the manifest says {a.num_layers}")
+    for i in range(a.num_layers):
+        for kind in ("key", "value"):
+            for name, table in ((f"past_key_values.{i}.{kind}", inputs), (f"present.{i}.{kind}", outputs)):
+                shape = table.get(name)
+                if shape is None:
+                    raise BundleError(f"{where}: the graph has no {name}")
+                if len(shape) != 4 or shape[1] != a.num_kv_heads or shape[3] != a.head_size:
+                    raise BundleError(f"{where}: {name} is {shape}, the manifest says (batch, {a.num_kv_heads} "
+                                      f"kv heads, positions, {a.head_size})")
+    logits = outputs.get("logits")
+    if logits is None or len(logits) != 3 or logits[2] != a.vocab_size:
+        raise BundleError(f"{where}: logits are {logits}, the manifest says a vocabulary of {a.vocab_size}")
+
+
+FLAVOUR_INPUTS = {"fused": ("input_ids", "seqlens_k", "total_sequence_length", "num_logits_to_keep"),
+                  "portable": ("input_ids", "position_ids", "num_logits_to_keep")}
 
 
 def sha256_file(path: Path) -> str:
@@ -111,10 +184,12 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
         raise BundleError(f"{folder}: not a bundle ({MANIFEST} is missing); make one with `edgekit export`")
     try:
         raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path}: manifest is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BundleError(f"{path}: manifest is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(raw, dict):
+        raise BundleError(f"{path}: the manifest is not a JSON object; the bundle is damaged: export it again")
     version = raw.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise BundleError(f"{path}: manifest has no integer format_version")
     if version > FORMAT_VERSION:
         raise BundleError(
@@ -123,7 +198,7 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
         )
     try:
         manifest = Manifest.from_dict(raw)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise BundleError(f"{path}: manifest does not match format {version}: {e}") from None
     if verify:
         verify_files(folder, manifest)
@@ -132,6 +207,8 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
 
 def verify_files(folder: Path, manifest: Manifest) -> None:
     for name, digest in manifest.files.items():
+        if Path(name).name != name or name in (".", ".."):
+            raise BundleError(f"{folder}: {MANIFEST} lists {name!r}, which is not a file of the bundle folder")
         p = folder / name
         if not p.is_file():
             raise BundleError(f"{folder}: file {name} is missing (listed in {MANIFEST})")

@@ -26,9 +26,20 @@ from tokenizers import Tokenizer
 
 from edgekit.device import chat as chat_format
 from edgekit.device import kv_cache
-from edgekit.device.bundle import Manifest, bundle_hash, read_manifest
+from edgekit.device.bundle import BundleError, Manifest, bundle_hash, check_graph, read_manifest
 from edgekit.device.sampling import SamplingConfig, sample
 from edgekit.device.session import create_session
+
+
+def _valid_text(text: str) -> str:
+    """`text`, if it is valid Unicode; a lone surrogate is what Python makes of invalid UTF-8 (argv,
+    surrogateescape) and what a JSON "\\udcxx" escape gives, and no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the prompt is not valid text: character {e.start} is a lone surrogate "
+                         f"{text[e.start]!r}; pass UTF-8 text") from None
+    return text
 
 
 class ContextLengthError(ValueError):
@@ -116,6 +127,10 @@ class Model:
         session_config: dict[str, str] | None = None,
         profile_prefix: str | Path | None = None,
     ):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise ValueError(f"threads must be a whole number >= 0 (0: onnxruntime's choice), got {threads!r}")
+        if context_length is not None and (not isinstance(context_length, int) or context_length < 2):
+            raise ValueError(f"context_length must be a whole number >= 2, got {context_length!r}")
         self.path = Path(bundle)
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
         self.bundle_hash = bundle_hash(self.manifest)
@@ -129,7 +144,13 @@ class Model:
             {**target.get("session_config", {}), **(session_config or {})},
             profile_prefix=profile_prefix,  # onnxruntime's op profiler, for `edgekit bench --profile-ops`
         )
-        self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        check_graph(self.path, self.manifest, {i.name: i.shape for i in self.session.get_inputs()},
+                    {o.name: o.shape for o in self.session.get_outputs()})
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise BundleError(f"{self.path / 'tokenizer.json'}: not a tokenizers file ({str(e)[:200]}); "
+                              "the bundle is damaged: copy or export it again") from None
         gen = self.manifest.generation
         self.eos_token_ids = set(gen.get("eos_token_ids", []))
 
@@ -151,9 +172,13 @@ class Model:
         length = int(prefix["length"])
         if length >= self.context_length:
             raise ValueError(f"the bundle's {length}-token prefix leaves no room in context length {self.context_length}")
-        with np.load(self.path / prefix["file"]) as kv:
-            for name, buf in self._kv.buffers.items():
-                buf[0, :, :length, :] = kv[name]  # (kv_heads, P, head_size)
+        try:
+            with np.load(self.path / prefix["file"]) as kv:
+                for name, buf in self._kv.buffers.items():
+                    buf[0, :, :length, :] = kv[name]  # (kv_heads, P, head_size)
+        except (OSError, ValueError, KeyError) as e:
+            raise BundleError(f"{self.path / prefix['file']}: not the prefix this bundle's manifest describes "
+                              f"({str(e)[:200]}); export the bundle again") from None
         return length
 
     # -- the model, one run at a time -------------------------------------------------
@@ -210,13 +235,16 @@ class Model:
     # -- text in, text out ----------------------------------------------------------
 
     def encode(self, prompt: str | Sequence[dict]) -> list[int]:
-        """Token ids for a plain prompt (with the tokenizer's special tokens) or a chat conversation."""
+        """Token ids for a plain prompt (with the tokenizer's special tokens) or a chat conversation.
+
+        Raises ValueError for a prompt or message that is not valid Unicode text (a lone surrogate).
+        """
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt).ids
+            return self.tokenizer.encode(_valid_text(prompt)).ids
         if self.manifest.chat is None:
             raise chat_format.ChatFormatError("this bundle's model has no chat template; pass a plain prompt")
         text = chat_format.render(self.manifest.chat, prompt, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(_valid_text(text), add_special_tokens=False).ids
 
     def stream(
         self,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from edgekit.device.bundle import BundleError
+
 log = logging.getLogger("edgekit")
 
 
@@ -48,6 +50,12 @@ def create_session(
         options.add_session_config_entry(key, str(value))
     provider = choose_provider(preferred_providers or ["CPUExecutionProvider"])
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    try:
+        session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... for a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise BundleError(f"{model_path}: onnxruntime cannot load the graph ({first}); the bundle is damaged "
+                          "or incomplete (model.onnx and model.onnx.data go together): copy or export it again"
+                          ) from None
     log.info("execution provider: %s", provider)
     return session, provider

@@ -153,20 +153,36 @@ def apply_adapters(loaded: LoadedModel, specs: list[str], say: Callable[[str], N
 
 
 def parse_spec(text: str) -> AdapterSpec:
-    """Parse "[name=]path[:weight]". The name defaults to the folder's name, the weight to 1."""
-    rest = text
-    name = None
+    """Parse "[name=]path[:weight]". The name defaults to the folder's name, the weight to 1.
+
+    A folder literally named "x:0.5" stays a path; otherwise what follows the last ":" after an
+    existing folder must be a finite number (ExportError naming the bad weight, not the folder).
+    """
+    if not text.strip():
+        raise ExportError("--adapter is empty; give the adapter's folder: --adapter [NAME=]PATH[:WEIGHT]")
+    rest, name = text, None
     m = re.match(r"^([A-Za-z0-9_.-]+)=(.+)$", text)  # a name has no "/", so "runs/lr=3e-4/lora" is a path
     if m:
         name, rest = m.group(1), m.group(2)
     weight = 1.0
-    m = re.match(r"^(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$", rest)
-    if m and not Path(rest).exists():  # a folder literally named "x:0.5" stays a path
-        rest, weight = m.group(1), float(m.group(2))
-    if not math.isfinite(weight):
-        raise ExportError(f"--adapter {text}: the weight must be a finite number")
+    head, sep, tail = rest.rpartition(":")
+    if sep and not Path(rest).exists() and (head and Path(head).exists() or _looks_like_number(tail)):
+        try:
+            weight = float(tail)
+        except ValueError:
+            raise ExportError(f"--adapter {text}: the weight {tail!r} after ':' is not a number") from None
+        if not math.isfinite(weight):
+            raise ExportError(f"--adapter {text}: the weight must be a finite number, got {tail}")
+        rest = head
+    if not rest:
+        raise ExportError(f"--adapter {text}: no folder before the weight")
     path = Path(rest)
     return AdapterSpec(name=name or path.resolve().name or "adapter", path=path, weight=weight, text=text)
+
+
+def _looks_like_number(s: str) -> bool:
+    """A weight someone meant to give: empty (a trailing ':'), a float, or inf/nan spelled any way."""
+    return s == "" or bool(re.fullmatch(r"[-+]?((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf(inity)?|nan)", s, re.I))
 
 
 def parse_specs(texts: list[str]) -> list[AdapterSpec]:
@@ -196,8 +212,10 @@ def read_adapter(spec: AdapterSpec) -> Adapter:
                           "save the adapter with peft_model.save_pretrained(folder)")
     try:
         config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{where}: {CONFIG_FILE} is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ExportError(f"{where}: {CONFIG_FILE} is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{where}: {CONFIG_FILE} is not a JSON object; it was not written by peft")
     peft_type = str(config.get("peft_type") or "").upper()
     if not peft_type:
         raise ExportError(f"{where}: {CONFIG_FILE} has no peft_type; it was not written by peft")
@@ -303,6 +321,8 @@ def _expected_shape(module: torch.nn.Module, param: list[str], shape: tuple[int,
         if head == "lora_A":
             return (shape[0], module.in_features)  # (r, in)
         if head == "lora_B":
+            if param[-1] == "bias":  # lora_bias: a bias of the adapted layer's width
+                return (module.out_features,)
             return (module.out_features, shape[1])  # (out, r)
         if head == "lora_magnitude_vector":
             return (module.out_features,)
@@ -387,6 +407,7 @@ def merge_adapters(model: torch.nn.Module, adapters: list[Adapter], combination:
     assert combination is not None or (len(adapters) == 1 and adapters[0].spec.weight == 1.0)
     names = [f"adapter_{i}" for i in range(len(adapters))]  # peft names must be module-safe: no dots
     _untie_if_adapted(model, adapters)
+    _give_biases_to(model, adapters)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapters[0].spec.path), adapter_name=names[0])
         for name, a in zip(names[1:], adapters[1:]):
@@ -423,14 +444,35 @@ def _untie_if_adapted(model: torch.nn.Module, adapters: list[Adapter]) -> None:
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     if out is None or out.weight.data_ptr() != inp.weight.data_ptr():
         return
-    touched = set()
+    names = {n for n, m in model.named_modules() if m is out or m is inp}
     for a in adapters:
         for key in adapter_tensor_shapes(a.weights_file):
-            touched.add(key.removeprefix("base_model.model.").split(".")[0])
-            touched.update(p for p in key.split(".") if p in ("lm_head", "embed_tokens"))
-    if touched & {"lm_head", "embed_tokens"}:
-        out.weight = torch.nn.Parameter(out.weight.detach().clone())
-        model.config.tie_word_embeddings = False
+            module = key.removeprefix("base_model.model.").split(".lora_")[0]
+            # a LoRA delta on either end of a tied pair applies to that end only (trainable tokens, peft's
+            # token_adapter, update both ends alike: merged into the one tensor they stay right)
+            if ".lora_" in key and module in names:
+                if any(".token_adapter." in k for b in adapters for k in adapter_tensor_shapes(b.weights_file)):
+                    raise ExportError(f"adapter {a.spec.name}: a LoRA on a tied embedding or lm_head together with "
+                                      "trainable tokens cannot be merged exactly (the trained rows would reach one "
+                                      "end only); train the tokens and the LoRA on separate ends, or untie them")
+                out.weight = torch.nn.Parameter(out.weight.detach().clone())
+                model.config.tie_word_embeddings = False
+                return
+
+
+def _give_biases_to(model: torch.nn.Module, adapters: list[Adapter]) -> None:
+    """A LoRA with lora_bias adds a bias to each layer it adapts; peft can merge it only into a layer
+    that has one. Give the adapted Linears without a bias a zero bias, so the merge is exact (the
+    graph then adds the merged bias)."""
+    if not any(a.config.get("lora_bias") for a in adapters):
+        return
+    modules = dict(model.named_modules())
+    for a in adapters:
+        for key in adapter_tensor_shapes(a.weights_file):
+            if key.endswith("lora_B.weight") or ".lora_B." in key and key.endswith(".bias"):
+                module = modules.get(key.removeprefix("base_model.model.").split(".lora_B")[0])
+                if isinstance(module, torch.nn.Linear) and module.bias is None:
+                    module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype))
 
 
 @torch.no_grad()

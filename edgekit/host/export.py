@@ -29,7 +29,13 @@ from edgekit.host import chat_format, graph
 from edgekit.host.adapters import apply_adapters
 from edgekit.host.families import family_of
 from edgekit.host.load import LoadedModel, fp32_weights, load
-from edgekit.host.target_fit import check_target_fit, graph_manifest, resolve_target, set_accuracy_level
+from edgekit.host.target_fit import (
+    accuracy_level,
+    check_target_fit,
+    graph_manifest,
+    resolve_target,
+    set_accuracy_level,
+)
 
 # The device profile used until targets/ profiles are chosen explicitly.
 DEFAULT_TARGET = {"name": "x86-avx2", "arch": "x86_64", "execution_providers": ["CPUExecutionProvider"]}
@@ -110,6 +116,8 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
         prefix[:, 0] = prefix[:, 0][..., decoder.head_order]
     if "matmulnbits_accuracy_level" in options.target:  # the compute type that suits the target's ISA
         set_accuracy_level(model_proto, options.target["matmulnbits_accuracy_level"])
+    if quant_record is not None:  # the manifest says what the graph does, read from the graph itself
+        quant_record["accuracy_level"] = accuracy_level(model_proto)
     say(f"      {len(model_proto.graph.node)} nodes, context length {arch.context_length} "
         f"({time.perf_counter() - t:.1f}s)")
     check_target_fit(model_proto, arch, options, flavour, say)  # operators and memory on the device (device/check.py)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def resolve(spec: str | Path) -> Source:
         return Source(spec, Path(found.submodule_search_locations[0]), filename)
     path = Path(spec)
     if not path.exists():
+        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec):  # owner/name, as on the Hugging Face hub
+            raise ExportError(f"{spec}: no such folder; edgekit never downloads models. If it is a Hugging Face hub "
+                              f"id, download it where there is internet (huggingface-cli download {spec} --local-dir "
+                              f"DIR), copy DIR here and export that folder")
         shipped = ", ".join(SHIPPED)
         raise ExportError(f"{spec}: no such file or folder (and not a shipped model name: {shipped})")
     if path.is_file():

@@ -43,6 +43,14 @@ def set_accuracy_level(model: onnx.ModelProto, level: int) -> int:
     return changed
 
 
+def accuracy_level(model: onnx.ModelProto) -> int | None:
+    """The accuracy_level of the graph's MatMulNBits nodes (one for all of them), or None without any."""
+    levels = {next((a.i for a in n.attribute if a.name == "accuracy_level"), 0)
+              for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert len(levels) <= 1, f"MatMulNBits nodes at several accuracy levels: {levels}"
+    return levels.pop() if levels else None
+
+
 def resolve_target(options):
     """ExportOptions whose `target` names a targets/ profile -> the profile's manifest dict,
     with its defaults in every option the user left as None (device/targets.py)."""
