@@ -154,6 +154,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the target's)")
     p.add_argument("--stats", action="store_true", help="print one line of timings after the answer")
+    c = p.add_argument_group("constrained output (one of)").add_mutually_exclusive_group()
+    c.add_argument("--json-schema", metavar="FILE", help="a JSON schema file the answer must follow")
+    c.add_argument("--regex", help="a regular expression the whole answer must match")
+    c.add_argument("--grammar", metavar="FILE", help="a Lark grammar file (llguidance's dialect) for the answer")
     p.set_defaults(run=_run_generate)
 
 
@@ -168,11 +172,13 @@ def _run_generate(args) -> int:
     if args.chat is not None:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
                  [{"role": "user", "content": args.chat}]
+    constraint = {"json_schema": _read_text(args.json_schema, "--json-schema") if args.json_schema else None,
+                  "regex": args.regex, "grammar": _read_text(args.grammar, "--grammar") if args.grammar else None}
     model = Model(args.bundle, threads=args.threads)
     try:
         stream = model.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                              seed=args.seed, stop=args.stop)
+                              seed=args.seed, stop=args.stop, **constraint)
     except ValueError as e:
         raise UserError(str(e)) from None
     for piece in stream:
@@ -185,9 +191,19 @@ def _run_generate(args) -> int:
               file=sys.stderr)
     if done.finish_reason == "context":
         print(f"edgekit generate: stopped at the context length ({model.context_length} tokens)", file=sys.stderr)
+    if done.valid is False:
+        print(f"edgekit generate: the answer is incomplete ({done.finish_reason}): it does not yet follow the "
+              "schema or grammar; raise --max-new-tokens", file=sys.stderr)
     if args.stats:
         print(f"[{done.finish_reason}] {done.stats.summary()} | {model.provider}", file=sys.stderr)
-    return 0
+    return 0 if done.valid is not False else 3
+
+
+def _read_text(path: str, flag: str) -> str:
+    try:
+        return open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag} {path}: cannot read it ({e.strerror if isinstance(e, OSError) else e})") from None
 
 
 # -- info --------------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""Output constrained to a JSON schema, a regular expression or a Lark grammar.
+
+The engine is llguidance (what onnxruntime-genai and llama.cpp use): it reads the bundle's
+tokenizer.json and computes, for each step, which tokens keep the output inside the grammar,
+in Rust, with no torch. A wheel exists for x86-64 and aarch64 Linux (glibc 2.31+: Raspberry Pi
+OS bookworm, JetPack 5/6), so it is an ordinary dependency of the device side.
+
+    logits ──► mask (tokens the grammar allows; EOS once it is complete) ──► sample ──► consume
+    forced  ──► the tokens the grammar fixes from here (`{"action":"`) are fed to the model in one run
+
+A Constraint is one request's state; the tokenizer it needs is built once per Model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MAX_GRAMMAR_BYTES = 1 << 20  # a schema or grammar larger than this is refused before compiling
+
+
+class ConstraintError(ValueError):
+    """A schema, regex or grammar that cannot constrain generation; said before any generation."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What to constrain to: exactly one of the three."""
+
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    grammar: str | None = None  # Lark syntax, as llguidance reads it (may embed %json {...})
+
+    @staticmethod
+    def of(json_schema: Any = None, regex: Any = None, grammar: Any = None) -> Spec | None:
+        """The Spec for the arguments given (None when none is), refusing more than one."""
+        given = [k for k, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar))
+                 if v is not None]
+        if not given:
+            return None
+        if len(given) > 1:
+            raise ConstraintError(f"give at most one of json_schema, regex and grammar (got {', '.join(given)})")
+        if regex is not None and not isinstance(regex, str) or grammar is not None and not isinstance(grammar, str):
+            raise ConstraintError(f"{given[0]} must be a string")
+        if json_schema is not None and not isinstance(json_schema, (dict, str, bool)):
+            raise ConstraintError("json_schema must be a JSON object (a dict) or its JSON text")
+        return Spec(json_schema, regex, grammar)
+
+    def describe(self) -> str:
+        return "a JSON schema" if self.json_schema is not None else "a regex" if self.regex is not None \
+            else "a grammar"
+
+
+def compile_grammar(spec: Spec, tokenizer) -> str:
+    """llguidance's grammar for `spec`, checked against `tokenizer` (an LLTokenizer); ConstraintError
+    with llguidance's own message when it cannot be used."""
+    from llguidance import LLMatcher
+
+    if spec.json_schema is not None:
+        schema = spec.json_schema
+        if isinstance(schema, str):
+            if len(schema) > MAX_GRAMMAR_BYTES:
+                raise ConstraintError(f"the JSON schema is larger than {MAX_GRAMMAR_BYTES} bytes")
+            try:
+                schema = json.loads(schema)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ConstraintError(f"the JSON schema is not valid JSON ({str(e)[:200]})") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ConstraintError("a JSON schema must be a JSON object")
+        try:
+            text = json.dumps(schema)
+        except (RecursionError, ValueError, TypeError) as e:
+            raise ConstraintError(f"the JSON schema cannot be serialized ({str(e)[:200]})") from None
+        if len(text) > MAX_GRAMMAR_BYTES:
+            raise ConstraintError(f"the JSON schema is larger than {MAX_GRAMMAR_BYTES} bytes")
+        try:  # compact JSON (no free whitespace: a small model would wander in it); "x-guidance" in a schema overrides
+            grammar = LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
+        except ValueError as e:
+            raise ConstraintError(f"the JSON schema cannot be used: {str(e)[:300]}") from None
+    elif spec.regex is not None:
+        grammar = LLMatcher.grammar_from_regex(spec.regex)
+    else:
+        if len(spec.grammar) > MAX_GRAMMAR_BYTES:
+            raise ConstraintError(f"the grammar is larger than {MAX_GRAMMAR_BYTES} bytes")
+        grammar = LLMatcher.grammar_from_lark(spec.grammar)
+    error = LLMatcher.validate_grammar(grammar, tokenizer)
+    if error and not error.startswith("WARNING"):
+        raise ConstraintError(f"{spec.describe()} that cannot constrain generation: "
+                              + " ".join(error.split())[:400])
+    return grammar
+
+
+class Constraint:
+    """One generation's grammar state: which tokens may come next, and which are forced."""
+
+    def __init__(self, tokenizer, grammar: str, vocab_size: int):
+        from llguidance import LLMatcher
+        from llguidance.numpy import allocate_token_bitmask
+
+        self.matcher = LLMatcher(tokenizer, grammar, log_level=0)
+        if self.matcher.is_error():
+            raise ConstraintError(f"the grammar cannot start: {self.matcher.get_error()[:300]}")
+        self.vocab_size = vocab_size
+        self.bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
+
+    def forced(self) -> list[int]:
+        """The tokens the grammar fixes from here (possibly none)."""
+        return self.matcher.compute_ff_tokens()
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """`logits` (vocab,) with every token the grammar does not allow set to -inf, in place."""
+        from llguidance.numpy import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self.matcher, self.bitmask, 0)
+        n = min(len(logits), self.bitmask.shape[1] * 32)
+        allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[:n].astype(bool)
+        logits[:n][~allowed] = -np.inf
+        logits[n:] = -np.inf  # rows past the tokenizer's vocabulary (padding) are never text
+        return logits
+
+    def consume(self, tokens: list[int]) -> None:
+        if not self.matcher.consume_tokens(tokens):
+            raise ConstraintError(f"the grammar refused a token it allowed: {self.matcher.get_error()[:300]}")
+
+    @property
+    def finished(self) -> bool:
+        """The output is complete: nothing but EOS may follow."""
+        return self.matcher.is_stopped()
+
+    @property
+    def accepting(self) -> bool:
+        """What was generated so far is a whole sentence of the grammar."""
+        return self.matcher.is_accepting()
