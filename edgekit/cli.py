@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 
@@ -158,6 +159,10 @@ def _add_generate(sub) -> None:
     c.add_argument("--json-schema", metavar="FILE", help="a JSON schema file the answer must follow")
     c.add_argument("--regex", help="a regular expression the whole answer must match")
     c.add_argument("--grammar", metavar="FILE", help="a Lark grammar file (llguidance's dialect) for the answer")
+    c.add_argument("--tools", metavar="FILE", help="a JSON file of OpenAI-shaped function tools (with --chat): "
+                                                   "prints the model's tool calls as JSON")
+    p.add_argument("--tool-choice", default="auto", help="with --tools: auto (default), required, none, or a tool's "
+                                                        "name")
     p.set_defaults(run=_run_generate)
 
 
@@ -174,6 +179,16 @@ def _run_generate(args) -> int:
                  [{"role": "user", "content": args.chat}]
     constraint = {"json_schema": _read_text(args.json_schema, "--json-schema") if args.json_schema else None,
                   "regex": args.regex, "grammar": _read_text(args.grammar, "--grammar") if args.grammar else None}
+    if args.tools:
+        if args.chat is None:
+            raise UserError("--tools goes with --chat MESSAGE")
+        try:
+            constraint["tools"] = json.loads(_read_text(args.tools, "--tools"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"--tools {args.tools}: not JSON ({e})") from None
+        choice = args.tool_choice
+        constraint["tool_choice"] = choice if choice in ("auto", "required", "none") else \
+            {"type": "function", "function": {"name": choice}}
     model = Model(args.bundle, threads=args.threads)
     try:
         stream = model.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -182,10 +197,13 @@ def _run_generate(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     for piece in stream:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        if not args.tools:  # a tool call is printed whole once parsed
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     done = stream.completion
+    if args.tools:
+        sys.stdout.write(json.dumps(done.tool_calls) if done.tool_calls else done.text)
+    sys.stdout.write("\n")
     if not done.token_ids and done.finish_reason == "eos" and args.chat is None and model.manifest.chat:
         print("edgekit generate: the model ended its answer at once; chat models answer --chat MESSAGE",
               file=sys.stderr)

@@ -127,8 +127,10 @@ def test_chat_messages_are_rendered_with_the_models_own_template(model, smol_tok
 def test_malformed_chat_messages_get_a_clear_error(model):
     with pytest.raises(ChatFormatError, match="role"):
         model.encode([{"content": "no role"}])
-    with pytest.raises(ChatFormatError, match="no form"):
-        model.encode([{"role": "tool", "content": "x"}])
+    with pytest.raises(ChatFormatError, match="needs 'content' as a string"):
+        model.encode([{"role": "user", "content": 42}])
+    with pytest.raises(ChatFormatError, match="non-empty list of messages"):
+        model.encode([])
 
 
 def test_invalid_sampling_settings_are_refused(model):

@@ -28,7 +28,8 @@ from tokenizers import Tokenizer
 from edgekit.device import chat as chat_format
 from edgekit.device import kv_cache
 from edgekit.device.bundle import BundleError, Manifest, bundle_hash, check_graph, read_manifest
-from edgekit.device.constrain import Constraint, Spec, compile_grammar
+from edgekit.device import tools as tool_calls
+from edgekit.device.constrain import Constraint, ConstraintError, Spec, compile_grammar
 from edgekit.device.sampling import SamplingConfig, sample
 from edgekit.device.session import create_session
 
@@ -92,6 +93,8 @@ class Completion:
     # constrained generation: whether the text is a whole sentence of the schema or grammar (False when
     # max_new_tokens, the context or a stop cut it short: then it must not be used as if it were valid)
     valid: bool | None = None
+    # with tools: the calls the model made, OpenAI-shaped (device/tools.py); finish_reason "tool_calls"
+    tool_calls: list[dict] | None = None
 
 
 class Stream:
@@ -157,6 +160,8 @@ class Model:
         except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
             raise BundleError(f"{self.path / 'tokenizer.json'}: not a tokenizers file ({str(e)[:200]}); "
                               "the bundle is damaged: copy or export it again") from None
+        chat = self.manifest.chat or {}
+        self.chat_template = (self.path / chat["template"]).read_text(encoding="utf-8") if "template" in chat else None
         gen = self.manifest.generation
         self.eos_token_ids = set(gen.get("eos_token_ids", []))
 
@@ -244,16 +249,31 @@ class Model:
 
     # -- text in, text out ----------------------------------------------------------
 
-    def encode(self, prompt: str | Sequence[dict]) -> list[int]:
-        """Token ids for a plain prompt (with the tokenizer's special tokens) or a chat conversation.
+    def encode(self, prompt: str | Sequence[dict], tools: list[dict] | None = None,
+               chat_template_kwargs: dict | None = None) -> list[int]:
+        """Token ids for a plain prompt (with the tokenizer's special tokens) or a chat conversation,
+        rendered with the model's chat template, `tools` and the template's variables.
 
         Raises ValueError for a prompt or message that is not valid Unicode text (a lone surrogate).
         """
         if isinstance(prompt, str):
+            if tools:
+                raise chat_format.ChatFormatError("tools go with a chat conversation, not a plain prompt")
             return self.tokenizer.encode(_valid_text(prompt)).ids
         if self.manifest.chat is None:
-            raise chat_format.ChatFormatError("this bundle's model has no chat template; pass a plain prompt")
-        text = chat_format.render(self.manifest.chat, prompt, add_generation_prompt=True)
+            raise chat_format.ChatFormatError("this bundle's model has no chat template; pass a plain prompt "
+                                              "(or export it with --chat-template)")
+        messages = list(prompt)
+        if tools and self.chat_template is not None and "tools" not in self.chat_template:
+            chat_format.check_messages(messages)  # the template cannot list the tools: a system message does
+            system = tool_calls.instructions(tools)
+            if messages[0]["role"] == "system":
+                messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + system}
+            else:
+                messages.insert(0, {"role": "system", "content": system})
+            tools = None
+        text = chat_format.render(self.manifest.chat, messages, add_generation_prompt=True,
+                                  template=self.chat_template, tools=tools, **(chat_template_kwargs or {}))
         return self.tokenizer.encode(_valid_text(text), add_special_tokens=False).ids
 
     def stream(
@@ -270,6 +290,9 @@ class Model:
         json_schema: dict | str | None = None,
         regex: str | None = None,
         grammar: str | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict = "auto",
+        chat_template_kwargs: dict | None = None,
     ) -> Stream:
         """Generate from `prompt` (text, or a list of chat messages), yielding text as it comes.
 
@@ -278,8 +301,19 @@ class Model:
         is constrained to it: the completion is then `valid` unless a limit cut it short. Raises
         ContextLengthError before any work when the prompt does not fit, ConstraintError when the
         schema or grammar cannot be used.
+
+        With `tools` (OpenAI-shaped functions) the model may call one (`tool_choice` "auto"), must
+        ("required", or {"type": "function", "function": {"name": N}}) or may not ("none"); a call is
+        constrained to a tool's name and parameters schema, and parsed into `completion.tool_calls`.
+        `chat_template_kwargs` go to the chat template (Qwen3: {"enable_thinking": False}).
         """
         spec = Spec.of(json_schema, regex, grammar)
+        if tools is not None:
+            tools = tool_calls.check_tools(tools)
+            if spec is not None:
+                raise ConstraintError("tools and a json_schema, regex or grammar do not combine: a call is "
+                                      "constrained to its tool's parameters")
+            spec = tool_calls.constraint_for(tools, tool_choice)
         stop = [stop] if isinstance(stop, str) else list(stop)
         gen = self.manifest.generation
         cfg = SamplingConfig(
@@ -296,10 +330,10 @@ class Model:
             spec, self.guide_tokenizer), self.manifest.architecture.vocab_size)
         stats = Stats()
         t0 = time.perf_counter()
-        ids = self.encode(prompt)
+        ids = self.encode(prompt, tools, chat_template_kwargs)
         stats.tokenize_s = time.perf_counter() - t0
         self._check_fits(len(ids))
-        return Stream(lambda s: self._generate(ids, cfg, max_new, stop, stats, s, constraint))
+        return Stream(lambda s: self._generate(ids, cfg, max_new, stop, stats, s, constraint, tools is not None))
 
     @functools.cached_property
     def guide_tokenizer(self):
@@ -319,7 +353,7 @@ class Model:
         return s.completion
 
     def _generate(self, ids: list[int], cfg: SamplingConfig, max_new: int, stop: list[str], stats: Stats,
-                  stream: Stream, constraint: Constraint | None) -> Iterator[str]:
+                  stream: Stream, constraint: Constraint | None, with_tools: bool = False) -> Iterator[str]:
         """The decode loop: sample, check, yield text, feed the token (and any the grammar forces).
 
             logits ──► [mask to the grammar] ──► sample ──► EOS? stop string? limits? ──► feed [token, *forced]
@@ -395,4 +429,7 @@ class Model:
             yield text[emitted:]
         stats.new_tokens = len(out)
         valid = None if constraint is None else constraint.accepting or constraint.finished
-        return Completion(text=text, token_ids=out, finish_reason=finish, stats=stats, valid=valid)
+        calls = tool_calls.parse_calls(text) if with_tools and valid else None
+        if calls:
+            finish = "tool_calls"
+        return Completion(text=text, token_ids=out, finish_reason=finish, stats=stats, valid=valid, tool_calls=calls)

@@ -1,33 +1,31 @@
-"""Cut a model's Jinja chat template into the pieces device/chat.py renders with.
+"""The chat template a bundle ships, checked against transformers.
 
-The template is rendered (by transformers, as `apply_chat_template` does) on probe
-conversations whose contents are unique markers; the text between markers is what
-the template puts between messages. The result is then checked: conversations
-rebuilt from the pieces must equal the template's own output, byte for byte.
+The device renders the model's own Jinja template (device/chat.py) with the special tokens it
+refers to. At export, conversations rendered by the device's renderer must equal what
+transformers' apply_chat_template gives, byte for byte (with tools and template variables where
+the template reads them), or the model is refused: a device must format chats exactly as the
+model was trained to read them.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from edgekit.device import chat as device_chat
 from edgekit.errors import ExportError
 
-PROBES = [
-    ["user"],
-    ["user", "assistant"],
-    ["user", "assistant", "user"],
-    ["system", "user"],
-    ["system", "user", "assistant", "user"],
-]
-# Conversations the derived pieces must reproduce exactly.
+# Conversations the device's renderer must reproduce exactly.
 CHECKS = [
     [("user", "What is a Raspberry Pi?")],
     [("system", "You control a robot arm."), ("user", "Pick up the red cube."),
      ("assistant", "Done: the cube is in the gripper."), ("user", "Now put it\non the shelf.")],
     [("user", "Hi"), ("assistant", "Hello! How can I help?"), ("user", "Tell me a joke.")],
 ]
+TOOLS = [{"type": "function", "function": {
+    "name": "move_arm", "description": "Move the arm's gripper to a position.",
+    "parameters": {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
+                   "required": ["x", "y"]}}}]
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 # The instruction formats of the open models' fine-tunes that ship without a chat template, as
@@ -69,52 +67,33 @@ def template_text(spec: str) -> str:
         raise ExportError(f"--chat-template {spec}: not a UTF-8 text file") from None
 
 
-def marker(k: int) -> str:
-    return f"@@EDGEKIT{k}@@"
-
-
 def derive(tokenizer) -> dict | None:
-    """The chat pieces for `tokenizer.chat_template`, or None when the model has no template."""
-    if not getattr(tokenizer, "chat_template", None):
+    """The manifest's chat record for `tokenizer.chat_template`, or None when the model has none.
+    ExportError when the device would render a checked conversation differently from transformers."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         return None
-    chat: dict = {"start": {}, "joint": {}, "end": {}, "generation": {}}
-    for roles in PROBES:
-        msgs = [{"role": r, "content": marker(k)} for k, r in enumerate(roles)]
-        for gen in (False, True):
-            try:
-                text = _render(tokenizer, msgs, gen)
-            except Exception:  # templates may refuse a probe, e.g. no system role
-                continue
-            pieces = re.split(r"@@EDGEKIT\d+@@", text)
-            if len(pieces) != len(roles) + 1:
-                continue
-            _put(chat["start"], roles[0], pieces[0])
-            for prev, cur, piece in zip(roles, roles[1:], pieces[1:-1]):
-                _put(chat["joint"], f"{prev}>{cur}", piece)
-            _put(chat["generation" if gen else "end"], roles[-1], pieces[-1])
+    special = {k: str(getattr(tokenizer, k)) for k in SPECIAL_TOKENS if getattr(tokenizer, k, None) is not None}
+    chat = {"template": "chat_template.jinja", "special_tokens": special}
+    variants: list[dict] = [{}]
+    if "tools" in template:
+        variants.append({"tools": TOOLS})
+    if "enable_thinking" in template:
+        variants.append({"enable_thinking": False})
     for check in CHECKS:
         msgs = [{"role": r, "content": c} for r, c in check]
-        try:
-            want = _render(tokenizer, msgs, True)
-        except Exception:
-            continue
-        try:
-            got = device_chat.render(chat, msgs)
-        except device_chat.ChatFormatError as e:
-            got = f"<{e}>"
-        if got != want:
-            raise ExportError(
-                "this model's chat template does not reduce to per-message pieces "
-                f"(rebuilt {got!r}, template gives {want!r}); export without chat support is not implemented"
-            )
+        for extra in variants:
+            for gen in (True, False):
+                try:
+                    want = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **extra)
+                except Exception:  # templates may refuse a conversation, e.g. one with a system role
+                    continue
+                try:
+                    got = device_chat.render(chat, msgs, gen, template=template, **extra)
+                except device_chat.ChatFormatError as e:
+                    got = f"<{e}>"
+                if got != want:
+                    raise ExportError(f"edgekit's device renderer gives {got!r:.300} for this model's chat template "
+                                      f"where transformers gives {want!r:.300}; please report it (the template "
+                                      "uses a feature the device does not render alike)")
     return chat
-
-
-def _put(table: dict, key: str, value: str) -> None:
-    if table.setdefault(key, value) != value:
-        raise ExportError(f"this model's chat template puts different text at {key!r} in different "
-                          f"conversations ({table[key]!r} vs {value!r}); it cannot be run without Jinja")
-
-
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
