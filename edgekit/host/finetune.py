@@ -1,0 +1,136 @@
+"""Teach a small model a command vocabulary: LoRA on the CPU from a JSONL of chat examples.
+
+    {"messages": [{"role": "system", ...}, {"role": "user", ...}, {"role": "assistant", "content": ...}]}   per line
+
+Each example is rendered with the model's own chat template; the loss is taken on the last
+(assistant) message only, so the model learns to answer, not to repeat prompts. The adapter is
+a plain peft LoRA folder on every Linear of the family's layers, ready for
+`edgekit export --adapter`. Small on purpose: a 135M model learns a robot's command set in a few
+minutes on a laptop's CPU.
+
+    load ──► render and mask examples ──► LoRA (peft) ──► AdamW, loss per step ──► save_pretrained
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgekit.errors import ExportError
+from edgekit.host.families import family_of
+from edgekit.host.load import load
+
+IGNORE = -100  # labels that take no part in the loss (the prompt)
+
+
+@dataclass
+class FinetuneOptions:
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-3
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    max_len: int = 256  # tokens per example; longer ones are refused, not cut
+    seed: int = 0
+    threads: int | None = None  # torch threads; None: torch's default
+
+
+def read_examples(path: str | Path) -> list[list[dict]]:
+    """The conversations of a JSONL file; ExportError naming the line of the first bad one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"--data {path}: no such file")
+    examples = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ExportError(f"--data {path}: line {n} is not JSON ({e.msg})") from None
+        messages = item.get("messages") if isinstance(item, dict) else None
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ExportError(f"--data {path}: line {n} needs {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}")
+        if messages[-1]["role"] != "assistant":
+            raise ExportError(f"--data {path}: line {n} must end with the assistant's answer (the part learnt)")
+        examples.append(messages)
+    if not examples:
+        raise ExportError(f"--data {path}: no examples")
+    return examples
+
+
+def encode(tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids of the conversation and its labels: the answer's tokens, IGNORE elsewhere."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]
+    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    if full[:len(prompt)] != prompt:
+        raise ExportError("this model's chat template renders an answer differently from its generation prompt; "
+                          "it cannot be fine-tuned on the answer alone")
+    if len(full) > max_len:
+        raise ExportError(f"an example is {len(full)} tokens, more than --max-len {max_len}; shorten it or raise it")
+    return full, [IGNORE] * len(prompt) + full[len(prompt):]
+
+
+def finetune(source: str | Path, data: str | Path, out: str | Path, options: FinetuneOptions | None = None,
+             say: Callable[[str], None] = print) -> Path:
+    """Train a LoRA on `data` for `source` (a shipped name, HF folder or GGUF) and save it to `out`."""
+    from peft import LoraConfig, get_peft_model
+
+    o = options or FinetuneOptions()
+    if o.steps < 1 or o.batch_size < 1 or o.rank < 1 or not (math.isfinite(o.lr) and o.lr > 0):
+        raise ExportError("--steps, --batch-size and --rank must be >= 1 and --lr a positive number")
+    examples = read_examples(data)
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    random.seed(o.seed)
+    torch.manual_seed(o.seed)
+    say(f"loading {source}")
+    loaded = load(source)
+    tok = loaded.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise ExportError(f"{source} has no chat template to render the examples with")
+    encoded = [encode(tok, m, o.max_len) for m in examples]
+    targets = sorted({path.rsplit(".", 1)[-1] for path in family_of(loaded.model).linears})
+    config = LoraConfig(task_type="CAUSAL_LM", r=o.rank, lora_alpha=o.alpha, lora_dropout=o.dropout,
+                        target_modules=targets)
+    model = get_peft_model(loaded.model, config)
+    model.peft_config["default"].base_model_name_or_path = str(source)  # what export checks the base against
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"{len(examples)} examples, LoRA r={o.rank} on {', '.join(targets)} ({trainable / 1e6:.2f}M trainable)")
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10) * (1 - s / o.steps))
+    model.train()
+    order: list[int] = []
+    for step in range(o.steps):
+        t = time.perf_counter()
+        if len(order) < o.batch_size:
+            order += random.sample(range(len(encoded)), len(encoded))
+        batch = [encoded[order.pop()] for _ in range(min(o.batch_size, len(encoded)))]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch])
+        labels = torch.tensor([y + [IGNORE] * (width - len(y)) for _, y in batch])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        say(f"step {step + 1}/{o.steps} loss {loss.item():.4f} ({time.perf_counter() - t:.2f}s)")
+    model.eval()
+    out = Path(out)
+    model.save_pretrained(out)
+    say(f"adapter saved to {out}: edgekit export {source} --adapter {out} --out BUNDLE")
+    return out

@@ -1,0 +1,70 @@
+"""edgekit finetune: a LoRA learnt from chat examples on the CPU, exported, answers as taught."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgekit.device import Model
+from edgekit.host import ExportError, ExportOptions, export
+from edgekit.host.finetune import FinetuneOptions, finetune
+
+SYSTEM = "Answer with one JSON action."
+EXAMPLES = [("Pick up the red cube", '{"action":"pick","object":"red cube"}'),
+            ("Go home", '{"action":"home","object":null}'),
+            ("Stop now", '{"action":"stop","object":null}'),
+            ("Grab the blue ball", '{"action":"pick","object":"blue ball"}')]
+
+
+def write(path, examples):
+    path.write_text("\n".join(json.dumps({"messages": [{"role": "system", "content": SYSTEM},
+                                                       {"role": "user", "content": u},
+                                                       {"role": "assistant", "content": a}]})
+                              for u, a in examples))
+    return path
+
+
+def test_a_lora_trained_on_a_tiny_model_lowers_its_loss_and_exports(tiny_folder, tmp_path):
+    """A random tiny model cannot learn much (its normalized hidden state times a random 49k-row
+    embedding caps every logit near 1), but its loss must fall and the adapter must export."""
+    said = []
+    adapter = finetune(tiny_folder, write(tmp_path / "train.jsonl", EXAMPLES), tmp_path / "lora",
+                       FinetuneOptions(steps=20, batch_size=4, lr=5e-2), say=said.append)
+    losses = [float(line.split("loss ")[1].split()[0]) for line in said if line.startswith("step ")]
+    assert len(losses) == 20 and losses[-1] < losses[0] - 0.2
+    model = Model(export(tiny_folder, tmp_path / "b", ExportOptions(adapters=[str(adapter)]), progress=lambda _: None))
+    assert model.manifest.adapters[0]["type"] == "lora"
+    assert model.generate([{"role": "user", "content": "Go home"}], max_new_tokens=4).stats.new_tokens >= 1
+
+
+@pytest.mark.slow
+def test_smollm2_taught_four_commands_answers_them_after_export(tmp_path):
+    adapter = finetune("smollm2-135m", write(tmp_path / "train.jsonl", EXAMPLES), tmp_path / "lora",
+                       FinetuneOptions(steps=30, batch_size=4, lr=2e-3), say=lambda _: None)
+    model = Model(export("smollm2-135m", tmp_path / "b", ExportOptions(adapters=[str(adapter)]),
+                         progress=lambda _: None))
+    for user, answer in EXAMPLES:
+        done = model.generate([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
+                              max_new_tokens=24, temperature=0.0)
+        assert done.text == answer
+
+
+@pytest.mark.parametrize("line, says", [
+    ("not json", "line 1 is not JSON"),
+    ('{"messages": []}', "line 1 needs"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "must end with the assistant's answer"),
+])
+def test_bad_training_data_is_one_line_naming_the_line(line, says, tiny_folder, tmp_path):
+    (tmp_path / "bad.jsonl").write_text(line)
+    with pytest.raises(ExportError, match=says):
+        finetune(tiny_folder, tmp_path / "bad.jsonl", tmp_path / "lora", say=lambda _: None)
+
+
+def test_command_line_trains_with_progress(tiny_folder, tmp_path):
+    from test_cli import edgekit
+
+    r = edgekit("finetune", tiny_folder, "--data", write(tmp_path / "t.jsonl", EXAMPLES), "--out", tmp_path / "a",
+                "--steps", "3", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    assert "step 3/3 loss" in r.stderr and (tmp_path / "a" / "adapter_config.json").exists()
