@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgekit.device import ContextLengthError, Model
 from edgekit.device.chat import ChatFormatError
@@ -138,3 +140,25 @@ def test_invalid_sampling_settings_are_refused(model):
         model.generate("x", top_p=1.5)
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate("x", max_new_tokens=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(st.integers(0, 49151), min_size=1, max_size=40), cuts=st.lists(st.integers(1, 4), max_size=40))
+def test_incremental_detokenizing_gives_the_whole_decode(ids, cuts, tiny_tokenizer):
+    """Any tokens (split multi-byte characters, special tokens, leading spaces), fed in any chunks."""
+    from edgekit.device.generate import Detokenizer
+
+    d, i, text = Detokenizer(tiny_tokenizer), 0, ""
+    for n in cuts + [len(ids)]:
+        if i >= len(ids):
+            break
+        text = d.add(ids[i:i + n])
+        i += n
+    assert text == tiny_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_bundle):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))

@@ -45,6 +45,33 @@ def _valid_text(text: str) -> str:
     return text
 
 
+class Detokenizer:
+    """The text of a growing list of tokens, decoding only the last few each time (decoding the whole
+    output every token costs more the longer it gets).
+
+    A token's text can depend on the tokens before it (a leading space, a multi-byte character split
+    over tokens), so each step decodes from a few tokens back and keeps what that adds.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.text = ""
+        self.prefix = 0  # tokens before this are settled; decoding starts here
+        self.read = 0  # tokens up to here are in self.text
+
+    def add(self, tokens: list[int]) -> str:
+        self.tokens += tokens
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
+        after = decode(self.tokens[self.prefix:], skip_special_tokens=True)
+        if after.endswith("\ufffd"):  # an unfinished UTF-8 sequence: show it, settle it later
+            return self.text + after[len(before):]
+        self.text += after[len(before):]
+        self.prefix, self.read = self.read, len(self.tokens)
+        return self.text
+
+
 class ContextLengthError(ValueError):
     """The prompt does not fit in the bundle's context length."""
 
@@ -370,6 +397,7 @@ class Model:
         hold = max((len(s) for s in stop), default=1) - 1  # hold back what may be the start of a stop string
         finish = "length"
         text = ""
+        detok = Detokenizer(self.tokenizer)
         feed: list[int] = constraint.forced() if constraint else []  # the grammar may fix the first tokens
         if feed:
             constraint.consume(feed)
@@ -399,7 +427,7 @@ class Model:
                 seen = np.append(seen, feed)
 
             t = time.perf_counter()
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            text = detok.add(feed)
             stats.detokenize_s += time.perf_counter() - t
             cut = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stop) if i >= 0), default=-1)
             if cut >= 0:
