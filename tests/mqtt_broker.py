@@ -39,8 +39,11 @@ class TlsFiles:
     client_key: Path
 
 
-def make_certs(folder: Path) -> TlsFiles:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (openssl CLI)."""
+def make_certs(folder: Path, *, server_names: str = "IP:127.0.0.1,DNS:localhost", server_days: int = 2) -> TlsFiles:
+    """A throwaway CA, a server certificate for `server_names` (127.0.0.1) and a client certificate (openssl CLI).
+
+    server_days=-1 makes a server certificate that expired a day ago.
+    """
     folder.mkdir(parents=True, exist_ok=True)
 
     def ssl(*args: str) -> None:
@@ -48,12 +51,13 @@ def make_certs(folder: Path) -> TlsFiles:
 
     ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=edgekit test CA",
         "-keyout", "ca.key", "-out", "ca.pem")
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
+    for name, ext, days in (("server", f"subjectAltName={server_names}", server_days),
+                            ("client", "extendedKeyUsage=clientAuth", 2)):
         ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
             "-out", f"{name}.csr")
         (folder / f"{name}.ext").write_text(ext + "\n")
         ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+            "-days", str(days), "-extfile", f"{name}.ext", "-out", f"{name}.pem")
     return TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key",
                     folder / "client.pem", folder / "client.key")
 
@@ -195,3 +199,49 @@ class Listener:
 
     def __exit__(self, *exc) -> None:
         self.conn.stop()
+
+
+class LogWatch:
+    """Records what a logger says, so a test can wait for a line instead of sleeping.
+
+    >>> with LogWatch("edgekit.mqtt") as log:
+    ...     log.wait_for(lambda records: any("cannot connect" in r.getMessage() for r in records), timeout=10)
+    """
+
+    def __init__(self, name: str, level: int = 10):
+        import logging
+        import threading
+
+        self.records: list = []  # logging.LogRecord, in order
+        self._cond = threading.Condition()
+        self._logger = logging.getLogger(name)
+        self._old_level = self._logger.level
+        watch = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record):
+                with watch._cond:
+                    watch.records.append(record)
+                    watch._cond.notify_all()
+
+        self._handler = _Handler(level)
+        self._logger.addHandler(self._handler)
+        self._logger.setLevel(min(level, self._old_level or level))
+
+    def wait_for(self, predicate, timeout: float) -> list:
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self.records), timeout):
+                raise AssertionError(f"timed out after {timeout} s; the log said: "
+                                     f"{[r.getMessage()[:200] for r in self.records[-8:]]}")
+            return list(self.records)
+
+    def messages(self) -> list[str]:
+        with self._cond:
+            return [r.getMessage() for r in self.records]
+
+    def __enter__(self) -> LogWatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._old_level)

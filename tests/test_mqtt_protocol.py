@@ -43,6 +43,29 @@ def test_a_request_round_trips_through_its_json():
     ({"v": 1, "messages": []}, proto.INVALID, "must not be empty"),
     ({"v": 1, "messages": [{"role": "user"}]}, proto.INVALID, '"messages"[0] must be'),
     (b'{"v": 1, "prompt": "hi", "temperature": NaN}', proto.INVALID, "finite"),
+    # the classes of the hardening issue: each used to raise, be taken, or fail later as "internal"
+    pytest.param(b"[" * 60_000, proto.INVALID, "nested too deeply", id="nested-top-level"),
+    pytest.param(b'{"v": 1, "prompt": "hi", "stop": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", proto.INVALID,
+                 "nested too deeply", id="nested-in-a-field"),
+    pytest.param(b'{"v": 1, "prompt": "hi", "seed": ' + b"9" * 5000 + b"}", proto.INVALID, "not usable JSON",
+                 id="5000-digit-integer"),
+    pytest.param(b'{"v": 1, "prompt": "hi", "deadline": 1' + b"0" * 400 + b"}", proto.INVALID,
+                 '"deadline" must be a finite', id="integer-over-a-double"),
+    ({"v": True, "prompt": "hi"}, proto.INVALID, '"v" must be the integer 1'),
+    ({"v": 1.0, "prompt": "hi"}, proto.INVALID, '"v" must be the integer 1'),
+    ({"v": 1, "prompt": ""}, proto.INVALID, '"prompt" must not be empty'),
+    ({"v": 1, "prompt": "\udcff"}, proto.INVALID, "lone surrogate"),
+    ({"v": 1, "messages": [{"role": "user", "content": "a\ud800b"}]}, proto.INVALID, "lone surrogate"),
+    ({"v": 1, "prompt": "hi", "stop": ["\udfff"]}, proto.INVALID, "lone surrogate"),
+    ({"v": 1, "prompt": "hi", "temperature": 1e-300}, proto.INVALID, "temperature must be 0 (greedy) or"),
+    ({"v": 1, "prompt": "hi", "temperature": 5e-324}, proto.INVALID, "temperature must be 0 (greedy) or"),
+    ({"v": 1, "prompt": "hi", "repetition_penalty": 1e-300}, proto.INVALID, "repetition_penalty must be"),
+    ({"v": 1, "prompt": "hi", "repetition_penalty": 1e300}, proto.INVALID, "repetition_penalty must be"),
+    ({"v": 1, "prompt": "hi", "top_k": False}, proto.INVALID, '"top_k" must be an integer'),
+    ({"v": 1, "prompt": "hi", "seed": True}, proto.INVALID, '"seed" must be an integer'),
+    ({"v": 1, "prompt": "hi", "max_new_tokens": 4.0}, proto.INVALID, '"max_new_tokens" must be an integer'),
+    (b'{"v": 1, "prompt": "hi", "top_p": Infinity}', proto.INVALID, "finite"),
+    ({"v": 1, "messages": [{"role": "", "content": "hi"}]}, proto.INVALID, '"messages"[0] must be'),
 ])
 def test_a_malformed_request_is_refused_with_a_code_and_a_reason(payload, code, says):
     with pytest.raises(proto.ProtocolError) as e:
@@ -77,6 +100,96 @@ def test_replies_decode_and_carry_the_version():
     assert proto.parse_reply(proto.error(proto.QUEUE_FULL, "busy", "arm-01"))["code"] == "queue_full"
     with pytest.raises(proto.ProtocolError):
         proto.parse_reply(b'{"v": 1, "type": "something else"}')
+
+
+def test_a_cancel_is_empty_or_the_version_and_nothing_else_raises():
+    proto.parse_cancel(b"")
+    proto.parse_cancel(b'{"v": 1}')
+    for payload in (b"\xff", b"[" * 50_000, b'{"v": true}', b'{"v": 2}', b"[]", b"null"):
+        with pytest.raises(proto.ProtocolError):
+            proto.parse_cancel(payload)
+
+
+def test_the_reply_topic_must_lie_below_the_reply_prefix_and_outside_the_protocol_topics():
+    t = proto.Topics()
+    assert proto.reply_topic_problem("edgekit/reply/planner", "edgekit/reply", t) is None
+    assert proto.reply_topic_problem("edgekit/reply/planner/7", "edgekit/reply", t) is None
+    for topic in (None, "", "edgekit/reply", "edgekit/reply/", "edgekit/replyx/a", "edgekit/reply/+", "x/reply/a",
+                  t.status("arm-01"), t.heartbeat("arm-01"), t.device_requests("arm-01"), t.cancel, t.fleet_requests):
+        assert proto.reply_topic_problem(topic, "edgekit/reply", t) is not None, topic
+    # a broad prefix still never reaches the protocol's own topics
+    assert proto.reply_topic_problem("edgekit/somewhere", "edgekit", t) is None
+    for topic in (t.status("arm-01"), t.status("arm-02"), t.cancel, t.fleet_requests, t.device_requests("x")):
+        assert proto.reply_topic_problem(topic, "edgekit", t) is not None, topic
+    for prefix in ("edgekit/dev", "edgekit/dev/arm-01", "edgekit/cancel", "edgekit/req", "", "a/+", "$SYS"):
+        with pytest.raises(ValueError):
+            proto.check_reply_prefix(prefix, t)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "text", "truncated", "zeroed header", "another database",
+                                    "missing columns"])
+def test_a_damaged_journal_is_refused_at_open_with_one_line_naming_it(tmp_path, damage):
+    import sqlite3
+
+    from edgekit.device.mqtt.journal import JournalError
+
+    path = tmp_path / "journal.sqlite"
+    j = Journal(path)
+    for i in range(200):
+        j.accept("r/1", b"%d" % i, b'{"v":1,"prompt":"' + b"x" * 200 + b'"}', received=float(i), expires=None)
+    j.close()
+    data = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(bytes(range(256)) * 40)
+    elif damage == "text":
+        path.write_text("not a database\n" * 100)
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 3])
+    elif damage == "zeroed header":
+        path.write_bytes(b"\0" * 100 + data[100:])
+    else:
+        path.unlink()
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE requests (x)" if damage == "missing columns" else "CREATE TABLE notes (x)")
+        db.execute("CREATE TABLE outbox (y)") if damage == "missing columns" else None
+        db.commit()
+        db.close()
+    with pytest.raises(JournalError) as e:
+        Journal(path)
+    message = str(e.value)
+    assert e.value.damaged and "\n" not in message
+    assert str(path) in message and "damaged" in message and "--reset-journal" in message
+
+
+def test_a_journal_that_cannot_be_opened_says_so_and_is_not_called_damaged(tmp_path):
+    from edgekit.device.mqtt.journal import JournalError
+
+    (tmp_path / "dir.sqlite").mkdir()
+    with pytest.raises(JournalError) as e:
+        Journal(tmp_path / "dir.sqlite")
+    assert not e.value.damaged and "cannot open the journal" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_salvage_reads_what_precedes_the_damage_and_move_aside_keeps_the_file(tmp_path):
+    from edgekit.device.mqtt.journal import move_aside, salvage
+
+    path = tmp_path / "journal.sqlite"
+    j = Journal(path)
+    j.accept("r/1", b"queued", b"{}", received=1.0, expires=None)
+    j.accept("r/1", b"running", b"{}", received=2.0, expires=None)
+    j.mark_running("r/1", b"running")
+    j.accept("r/1", b"done", b"{}", received=3.0, expires=None)
+    j.finish("r/1", b"done", b"final")
+    j.close()
+    moved = move_aside(path)
+    assert not path.exists() and moved.exists() and moved.name.startswith("journal.sqlite.damaged-")
+    found = salvage(moved)
+    assert sorted(found.unfinished) == [("r/1", b"queued"), ("r/1", b"running")]
+    assert [(r.topic, r.payload) for r in found.unsent] == [("r/1", b"final")]
+    assert found.problem is None
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x01" * 5000)
+    assert salvage(garbage).unfinished == [] and salvage(garbage).problem
 
 
 def test_the_journal_keeps_requests_and_unsent_replies_across_a_reopen(tmp_path):

@@ -47,3 +47,41 @@ def test_seeded_samples_follow_the_distribution():
     rng = np.random.default_rng(123)
     draws = np.bincount([sample(logits, cfg, rng, np.empty(0, np.int64)) for _ in range(4000)], minlength=3)
     np.testing.assert_allclose(draws / 4000, [0.5, 0.3, 0.2], atol=0.03)
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("temperature", float("nan"), "temperature must be 0 (greedy) or a number from 0.01 to 100, got nan"),
+    ("temperature", float("inf"), "temperature must be 0 (greedy)"),
+    ("temperature", 1e-300, "got 1e-300"),  # logits / 1e-300 overflow float32: NaN probabilities
+    ("temperature", -0.5, "temperature must be"),
+    ("temperature", True, "got True"),  # a bool is not a temperature
+    ("top_p", float("nan"), "top_p must be a number in (0, 1]"),
+    ("top_p", float("-inf"), "top_p must be"),
+    ("top_p", 0.0, "top_p must be"),
+    ("repetition_penalty", float("nan"), "repetition_penalty must be a number from 0.01 to 100"),
+    ("repetition_penalty", float("inf"), "repetition_penalty must be"),
+    ("repetition_penalty", 1e-300, "repetition_penalty must be"),
+    ("repetition_penalty", 0.0, "repetition_penalty must be"),
+    ("top_k", -1, "top_k must be an integer >= 0"),
+    ("top_k", 2.5, "top_k must be an integer"),
+    ("top_k", False, "top_k must be an integer"),
+    ("seed", -3, "seed must be an integer >= 0"),
+])
+def test_a_setting_outside_its_range_is_refused_in_one_line_naming_it(setting, value, says):
+    with pytest.raises(ValueError) as e:
+        SamplingConfig(**{setting: value})
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("temperature, penalty", [(0.01, 100.0), (100.0, 0.01), (0.01, 0.01), (0, 100.0)])
+def test_the_extremes_of_the_ranges_still_sample_finite_probabilities(temperature, penalty):
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(0, 30, 5000)).astype(np.float32)
+    cfg = SamplingConfig(temperature=temperature, repetition_penalty=penalty)
+    seen = np.arange(0, 5000, 7)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        token = sample(logits, cfg, rng, seen)
+        if temperature:
+            _, probs = distribution(logits, cfg, seen)
+            assert np.isfinite(probs).all() and abs(probs.sum() - 1) < 1e-5
+    assert 0 <= token < 5000

@@ -11,8 +11,9 @@ The wire format is documented in docs/mqtt.md.
 
 from edgekit.device.mqtt.client import Answer, Client, Pending, RequestError
 from edgekit.device.mqtt.connection import BrokerConfig
-from edgekit.device.mqtt.protocol import Topics
+from edgekit.device.mqtt.journal import JournalError
+from edgekit.device.mqtt.protocol import ProtocolError, Topics
 from edgekit.device.mqtt.service import Limits, Service, ServiceConfig
 
-__all__ = ["Answer", "BrokerConfig", "Client", "Limits", "Pending", "RequestError", "Service", "ServiceConfig",
-           "Topics"]
+__all__ = ["Answer", "BrokerConfig", "Client", "JournalError", "Limits", "Pending", "ProtocolError", "RequestError",
+           "Service", "ServiceConfig", "Topics"]

@@ -9,11 +9,18 @@ Delivery is at least once on the wire (QoS 1) and exactly once here: replies are
 matched by correlation data, repeated chunks and finals are dropped, and a request
 that hears nothing for `retry_s` is published again with the same correlation data,
 which the service answers from its journal without generating twice.
+
+The client also follows the devices' retained status, so a request that gets no answer
+says whether its device is online (`device_state()`), and a mistake in a request (a
+wrong type, a setting out of range) raises ProtocolError before anything is sent.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -26,7 +33,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgekit.device.mqtt import protocol as proto
-from edgekit.device.mqtt.connection import BrokerConfig, make_connection
+from edgekit.device.mqtt.connection import BrokerConfig, connect_failure, make_connection
+
+log = logging.getLogger("edgekit.mqtt")
 
 
 class RequestError(RuntimeError):
@@ -35,6 +44,7 @@ class RequestError(RuntimeError):
     def __init__(self, code: str, message: str, device_id: str | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
+        self.message = message
         self.device_id = device_id
 
 
@@ -52,9 +62,10 @@ class Pending:
     waits for the whole answer; `cancel()` asks the device to stop."""
 
     def __init__(self, client: "Client", topic: str, correlation: bytes, payload: bytes, timeout: float,
-                 expiry_s: int | None = None):
+                 expiry_s: int | None = None, device_id: str | None = None):
         self._client = client
         self.expiry_s = expiry_s
+        self.device_id = device_id  # the device asked, or None for the fleet
         self.topic = topic
         self.correlation = correlation
         self.payload = payload
@@ -114,8 +125,8 @@ class Pending:
             left = deadline - time.monotonic()
             if left <= 0:
                 self._client._forget(self)
-                raise RequestError("timeout", f"no answer within {self.timeout:g} s; is a device serving "
-                                              f"{self.topic}? (check its status topic)")
+                raise RequestError(proto.TIMEOUT, f"{self._client.silence_reason(self.device_id)}; "
+                                                  f"no answer within {self.timeout:g} s")
             try:
                 return self._replies.get(timeout=min(left, self._client.retry_s / 2))
             except queue.Empty:
@@ -142,31 +153,41 @@ class Client:
                  prefix: str = proto.DEFAULT_PREFIX, client_id: str | None = None, timeout: float = 60.0,
                  retry_s: float = 10.0, connect_timeout: float = 10.0):
         self.config = broker if isinstance(broker, BrokerConfig) else BrokerConfig(url=broker)
+        proto.check_topic_prefix(prefix, "topic prefix")
         self.topics = proto.Topics(prefix)
+        if device_id is not None:
+            proto.check_topic_name(device_id, "device id")
         self.device_id = device_id
         self.client_id = client_id or f"edgekit-client-{uuid.uuid4().hex[:12]}"
         proto.check_topic_name(self.client_id, "client id")
+        for name, value in (("timeout", timeout), ("retry_s", retry_s), ("connect_timeout", connect_timeout)):
+            proto.check_positive(name, value)
         self.timeout = timeout
         self.retry_s = retry_s
         self.reply_topic = self.topics.replies(self.client_id)
         self._pending: dict[bytes, Pending] = {}
         self._lock = threading.Lock()
-        self.connected = threading.Event()  # connected and subscribed to the reply topic
+        self._status_seen = threading.Condition(self._lock)  # notified when a device's status arrives
+        self.connected = threading.Event()  # connected, subscribed, and the retained statuses are in
         self._was_connected = False
         self._sub_mid: int | None = None
+        self._barrier_mid: int | None = None
+        self._states: dict[str, str] = {}  # device id -> "online" | "offline", from the retained status
+        self._presence = False  # the broker let us read the status topics
+        self._failure: str | None = None  # why the last connection attempt failed
         self.conn = make_connection(self.config, self.client_id, session_expiry_s=300,
                                     clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY)
         c = self.conn.client
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
-        c.on_disconnect = lambda *_: self.connected.clear()
+        c.on_disconnect = self._on_disconnect
+        c.on_connect_fail = self._on_connect_fail
         self.conn.start()
         if not self.connected.wait(connect_timeout):
             self.conn.stop()
-            raise ConnectionError(f"could not connect to {self.config.url} and subscribe within "
-                                  f"{connect_timeout:g} s; is the broker running, and are the address, "
-                                  "TLS files and credentials right?")
+            raise ConnectionError(f"could not connect to {self.config.url} and subscribe within {connect_timeout:g} s: "
+                                  f"{self._failure or 'no answer from the broker'}")
 
     def __enter__(self) -> "Client":
         return self
@@ -189,11 +210,19 @@ class Client:
         it, when it has waited longer.
         """
         key = "prompt" if isinstance(prompt, str) else "messages"
-        request = proto.Request(**{key: prompt if isinstance(prompt, str) else list(prompt)}, **settings)
+        # the device's own validation, here: a mistake raises ProtocolError (a ValueError) before anything is sent
+        request = proto.request_from_dict({"v": proto.VERSION, key: prompt if isinstance(prompt, str) else list(prompt),
+                                           **settings})
         device = device_id or self.device_id
+        if device_id is not None:
+            proto.check_topic_name(device_id, "device id")
         topic = self.topics.device_requests(device) if device else self.topics.fleet_requests
+        if timeout is not None:
+            proto.check_positive("timeout", timeout)
+        if expiry_s is not None:
+            proto.check_positive("expiry_s", expiry_s, integer=True)
         pending = Pending(self, topic, uuid.uuid4().hex.encode(), request.to_json(), timeout or self.timeout,
-                          expiry_s)
+                          expiry_s, device)
         with self._lock:
             self._pending[pending.correlation] = pending
         self._publish_request(pending)
@@ -211,7 +240,8 @@ class Client:
                  timeout: float | None = None) -> Pending:
         """Publish any payload as a request (tests, other languages' payloads); await its replies."""
         correlation = correlation or uuid.uuid4().hex.encode()
-        pending = Pending(self, topic, correlation, payload, timeout or self.timeout)
+        pending = Pending(self, topic, correlation, payload, timeout or self.timeout,
+                          device_id=self.topics.device_of_requests(topic))
         with self._lock:
             self._pending[correlation] = pending
         self._publish_request(pending)
@@ -246,10 +276,66 @@ class Client:
         with self._lock:
             self._pending.pop(pending.correlation, None)
 
+    # -- presence ------------------------------------------------------------------------
+
+    def device_state(self, device_id: str) -> str | None:
+        """The device's state from its retained status: "online", "offline", or None when it has
+        none (it never connected to this broker, or the broker forgot it) or this client may not read it."""
+        with self._lock:
+            return self._states.get(device_id)
+
+    @property
+    def follows_presence(self) -> bool:
+        """True when the broker lets this client read the devices' status topics."""
+        return self._presence
+
+    def wait_for_state(self, device_id: str, timeout: float) -> str | None:
+        """device_state(), waiting up to `timeout` for a status to arrive when none has yet.
+
+        Mosquitto delivers retained statuses before the client counts as connected; brokers that
+        deliver them later (EMQX) may need this moment.
+        """
+        with self._status_seen:
+            self._status_seen.wait_for(lambda: device_id in self._states, timeout)
+            return self._states.get(device_id)
+
+    def online_devices(self) -> list[str]:
+        """The devices whose retained status says online, sorted."""
+        with self._lock:
+            return sorted(d for d, state in self._states.items() if state == "online")
+
+    def silence_reason(self, device_id: str | None) -> str:
+        """Why a request to `device_id` (None: the fleet) may have gone unanswered, from what presence shows."""
+        if not self._presence:
+            where = f"the device {device_id}" if device_id else "a device of the fleet"
+            return f"is {where} online? (this client may not read {self.topics.status('+')})"
+        if device_id is None:
+            online = self.online_devices()
+            if not online:
+                return "no device of the fleet is online"
+            return f"{len(online)} device(s) online ({', '.join(online[:5])}) but none answered"
+        state = self.device_state(device_id)
+        if state == "online":
+            return f"the device {device_id} is online but did not answer (busy, or it cannot publish to {self.reply_topic})"
+        if state == "offline":
+            return f"the device {device_id} is not online (its status is offline)"
+        return f"the device {device_id} is not online (it has no status on {self.topics.status(device_id)})"
+
     # -- paho callbacks (network thread) ------------------------------------------------
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this inside its `except OSError:` around the connect: that exception is the reason
+        self._failure = connect_failure(sys.exc_info()[1])
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        error = self.conn.take_error()
+        if not self._was_connected:  # a refusal, not a lost connection: __init__ says why
+            self._failure = f"the broker closed the connection ({error or reason_code})"
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            self._failure = f"the broker refused the connection ({reason_code})"
             return  # connect_timeout in __init__ reports it
         if self._was_connected and not flags.session_present:
             # the broker lost our session (restarted without persistence): it may have lost requests
@@ -257,14 +343,33 @@ class Client:
             with self._lock:
                 for p in self._pending.values():
                     p.last_heard -= self.retry_s
-        _, self._sub_mid = client.subscribe(self.reply_topic, options=SubscribeOptions(qos=1))
+        _, self._sub_mid = client.subscribe([(self.reply_topic, SubscribeOptions(qos=1)),
+                                             (self.topics.status("+"), SubscribeOptions(qos=1))])
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        if mid == self._sub_mid and not reason_codes[0].is_failure:
+        if mid == self._sub_mid:
+            if reason_codes[0].is_failure:
+                self._failure = f"the broker refused the subscription to {self.reply_topic} ({reason_codes[0]})"
+                return
+            self._presence = not reason_codes[1].is_failure
+            # The broker sends the retained statuses after this SUBACK; a second SUBACK comes after them
+            # (Mosquitto handles a client's packets in order), so once it is in, presence is known.
+            _, self._barrier_mid = client.subscribe(self.reply_topic, options=SubscribeOptions(qos=1))
+        elif mid == self._barrier_mid:
             self._was_connected = True
             self.connected.set()
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._take_message(msg)
+        except Exception:  # a bug must not kill paho's network thread (malformed messages are no bug)
+            log.exception("could not handle a message on %s", proto.show(msg.topic))
+
+    def _take_message(self, msg: mqtt.MQTTMessage) -> None:
+        device = self.topics.device_of_status(msg.topic)
+        if device is not None:
+            self._take_status(device, msg.payload)
+            return
         correlation = getattr(msg.properties, "CorrelationData", None)
         with self._lock:
             pending = self._pending.get(bytes(correlation)) if correlation is not None else None
@@ -277,3 +382,15 @@ class Client:
         pending._deliver(reply)
         if reply["type"] != "chunk":
             self._forget(pending)
+
+    def _take_status(self, device: str, payload: bytes) -> None:
+        try:
+            state = json.loads(payload.decode("utf-8")).get("state") if payload else None
+        except (ValueError, RecursionError, AttributeError):
+            return
+        with self._status_seen:
+            if state in ("online", "offline"):
+                self._states[device] = state
+                self._status_seen.notify_all()
+            elif not payload:  # a cleared retained status: nothing is known
+                self._states.pop(device, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,13 @@ class BrokerConfig:
             raise ValueError(f"broker URL {self.url!r}: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS)")
         tls = parts.scheme == "mqtts"
         try:
-            port = parts.port or (8883 if tls else 1883)
+            port = parts.port
         except ValueError:
-            raise ValueError(f"broker URL {self.url!r}: the port is not a number") from None
+            port = 0
+        if port is None:
+            port = 8883 if tls else 1883
+        elif not 1 <= port <= 65535:
+            raise ValueError(f"broker URL {self.url!r}: the port must be a number from 1 to 65535")
         return parts.hostname, port, tls
 
 
@@ -58,6 +63,12 @@ class Connection:
     config: BrokerConfig
     properties: Properties  # CONNECT properties: the session expiry
     clean_start: bool | int
+    last_error: str | None = None  # paho's last socket error, e.g. a TLS alert after the handshake
+
+    def take_error(self) -> str | None:
+        """The socket error paho logged since the last call (why a connection dropped), or None."""
+        error, self.last_error = self.last_error, None
+        return error
 
     def start(self) -> None:
         """Connect from paho's network thread, which retries with backoff until it succeeds
@@ -84,8 +95,15 @@ def make_connection(config: BrokerConfig, client_id: str, *, session_expiry_s: i
     if tls:
         if config.keyfile and not config.certfile:
             raise ValueError("a client key (--keyfile) needs its certificate (--certfile)")
-        client.tls_set(ca_certs=config.cafile, certfile=config.certfile, keyfile=config.keyfile,
-                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        for flag, name in (("--cafile", config.cafile), ("--certfile", config.certfile), ("--keyfile", config.keyfile)):
+            if name is not None and not Path(name).is_file():  # ssl's own error does not say which file
+                raise ValueError(f"{flag} {name}: no such file")
+        try:
+            client.tls_set(ca_certs=config.cafile, certfile=config.certfile, keyfile=config.keyfile,
+                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        except ssl.SSLError as e:
+            raise ValueError(f"cannot use the TLS files (--cafile {config.cafile}, --certfile {config.certfile}, "
+                             f"--keyfile {config.keyfile}): {e.reason or e}; they must be PEM files") from None
     elif config.cafile or config.certfile:
         raise ValueError(f"TLS files were given but the broker URL {config.url!r} is not mqtts://")
     if config.username is not None:
@@ -93,4 +111,37 @@ def make_connection(config: BrokerConfig, client_id: str, *, session_expiry_s: i
     client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry_s
-    return Connection(client, config, props, clean_start)
+    conn = Connection(client, config, props, clean_start)
+
+    def remember_errors(client, userdata, level, text) -> None:
+        # A broker that refuses a client certificate does so after the TLS handshake: paho sees it only
+        # as a failed read, which it logs ("failed to receive on socket: ... certificate required").
+        if level == mqtt.MQTT_LOG_ERR and "socket" in text:
+            conn.last_error = text
+
+    client.on_log = remember_errors
+    return conn
+
+
+def connect_failure(exc: BaseException | None) -> str:
+    """Why a connection attempt failed, in words an operator can act on (TLS reasons included).
+
+    `exc` is the exception paho's connect raised (None when unknown).
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # e.g. "certificate has expired", "Hostname mismatch, ...", "unable to get local issuer certificate"
+        return (f"TLS: the broker's certificate was refused ({exc.verify_message or exc.reason}); check --cafile "
+                "(the CA that signed it), the host name in the URL and the certificate's dates")
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or exc}); check the broker's TLS settings and --certfile/--keyfile"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the broker running and listening on that port?)"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "no answer from the broker (timed out)"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    if exc is not None:
+        return f"{type(exc).__name__}: {exc}"
+    return "the connection failed"

@@ -14,6 +14,11 @@ paho sends the PUBACK: a request the broker considers delivered is always on dis
 Streamed chunks are not journaled (they are many and only useful live); the final
 reply carries the whole text.
 
+Opening checks the file (sqlite's integrity check and this schema), so a damaged journal
+(garbage bytes, a truncated copy, another program's database) is refused at start with a
+JournalError that names the file, instead of failing on some later request. `move_aside()`
+and `salvage()` are how a service starts over from one (`edgekit serve --reset-journal`).
+
 Thread-safe: one connection behind a lock. Nothing here publishes.
 """
 
@@ -21,8 +26,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
+
+from edgekit.errors import EdgekitError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -42,6 +51,33 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload BLOB NOT NULL
 );
 """
+
+
+# the columns each table must have: a file whose tables lack them is not (or no longer) a journal
+_COLUMNS = {"requests": {"response_topic", "correlation", "payload", "received", "expires", "state", "final"},
+            "outbox": {"id", "topic", "correlation", "payload"}}
+# sqlite result codes that say the file cannot be opened or written, not that its content is damaged
+_NOT_DAMAGE = ("SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_READONLY", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL",
+               "SQLITE_IOERR", "SQLITE_AUTH", "SQLITE_NOMEM")
+
+
+class JournalError(EdgekitError):
+    """The journal file cannot be used. `damaged`: its content is broken (moving it aside and
+    starting a new one helps); otherwise it cannot be opened (a path or permission problem)."""
+
+    def __init__(self, path: Path, reason: str, damaged: bool):
+        path = Path(path).absolute()
+        if damaged:
+            message = (f"the journal {path} is damaged ({reason}); move it aside and start a new one with "
+                       "`edgekit serve ... --reset-journal` (the requests it held that can still be read are "
+                       "answered 'interrupted'), or delete it")
+        else:
+            message = (f"cannot open the journal {path} ({reason}); check that its folder exists and is writable "
+                       "by this user, or give another with --journal")
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+        self.damaged = damaged
 
 
 @dataclass
@@ -66,13 +102,45 @@ class Journal:
     """The service's durable memory; see the module docstring."""
 
     def __init__(self, path: str | Path):
+        """Open (or create) the journal at `path`; raises JournalError when it cannot be used."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        # WAL: a commit is one append; synchronous=FULL: committed rows survive a power cut, not only a crash
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise JournalError(self.path, e.strerror or str(e), damaged=False) from None
+        try:
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as e:
+            raise JournalError(self.path, str(e), damaged=False) from None
+        try:
+            # WAL: a commit is one append; synchronous=FULL: committed rows survive a power cut, not only a crash
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._check()
+        except JournalError:
+            self._db.close()
+            raise
+        except sqlite3.Error as e:
+            self._db.close()
+            raise JournalError(self.path, str(e), damaged=_is_damage(e)) from None
+
+    def _check(self) -> None:
+        """Create the tables in a new file; in an existing one, check sqlite's integrity and the schema."""
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables.discard("sqlite_sequence")  # sqlite's own, for AUTOINCREMENT
+        if tables and not set(_COLUMNS) <= tables:
+            raise JournalError(self.path, f"a database with the tables {sorted(tables)}, not an edgekit journal",
+                               damaged=True)
+        if tables:
+            problems = [r[0] for r in self._db.execute("PRAGMA integrity_check(5)")]
+            if problems != ["ok"]:
+                said = "; ".join(problems).replace("\n", " ")[:300]
+                raise JournalError(self.path, f"sqlite's integrity check: {said}", damaged=True)
+            for table, columns in _COLUMNS.items():
+                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if not columns <= have:
+                    raise JournalError(self.path, f"its {table} table lacks {sorted(columns - have)}", damaged=True)
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -117,6 +185,12 @@ class Journal:
             return self._db.execute("INSERT INTO outbox (topic, correlation, payload) VALUES (?, ?, ?)",
                                     (response_topic, correlation, final)).lastrowid
 
+    def drop(self, response_topic: str, correlation: bytes) -> None:
+        """Forget a request without answering it (its reply topic is no longer allowed)."""
+        with self._lock:
+            self._db.execute("DELETE FROM requests WHERE response_topic = ? AND correlation = ?",
+                             (response_topic, correlation))
+
     def unfinished(self) -> list[JournaledRequest]:
         """Requests accepted but not done (after a restart: what the last run left), oldest first."""
         with self._lock:
@@ -153,3 +227,73 @@ class Journal:
             rows = self._db.execute("SELECT id, topic, correlation, payload FROM outbox ORDER BY id").fetchall()
         return [OutboxReply(*r) for r in rows]
 
+
+
+def _is_damage(e: sqlite3.Error) -> bool:
+    name = getattr(e, "sqlite_errorname", "") or ""
+    return not name.startswith(_NOT_DAMAGE)
+
+
+# -- starting over from a damaged journal ---------------------------------------------
+
+
+@dataclass
+class Salvage:
+    """What could still be read from a damaged journal."""
+
+    unfinished: list[tuple[str, bytes]] = field(default_factory=list)  # (response topic, correlation) not done
+    unsent: list[OutboxReply] = field(default_factory=list)  # replies the broker never acknowledged
+    problem: str | None = None  # why reading stopped early, if it did
+
+
+def move_aside(path: str | Path) -> Path:
+    """Rename the journal at `path` (with its -wal and -shm files) to PATH.damaged-TIME; returns the new path.
+
+    The next Journal(path) then starts empty. Nothing is deleted: the file stays for a post-mortem.
+    """
+    path = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    for suffix in ("-wal", "-shm"):  # sqlite finds them by name next to the database: they move with it
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(target.with_name(target.name + suffix))
+    path.rename(target)
+    return target
+
+
+def salvage(path: str | Path) -> Salvage:
+    """Read what can still be read from a damaged journal, row by row, never raising.
+
+    Rows that come back with the wrong types (damage that sqlite does not notice) are skipped.
+    """
+    out = Salvage()
+    try:
+        db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        out.problem = str(e)
+        return out
+    try:
+        _read_rows(db, "SELECT response_topic, correlation FROM requests WHERE state != 'done'", out,
+                   lambda r: out.unfinished.append((r[0], r[1]))
+                   if isinstance(r[0], str) and isinstance(r[1], bytes) else None)
+        _read_rows(db, "SELECT id, topic, correlation, payload FROM outbox ORDER BY id", out,
+                   lambda r: out.unsent.append(OutboxReply(*r))
+                   if isinstance(r[1], str) and isinstance(r[2], (bytes, type(None))) and isinstance(r[3], bytes)
+                   else None)
+    finally:
+        db.close()
+    return out
+
+
+def _read_rows(db: sqlite3.Connection, query: str, out: Salvage, keep) -> None:
+    try:
+        cursor = db.execute(query)
+        while (row := cursor.fetchone()) is not None:  # one at a time: keep what precedes a damaged page
+            keep(row)
+    except sqlite3.Error as e:
+        out.problem = out.problem or str(e)

@@ -7,10 +7,11 @@ Topics, under a prefix (default `edgekit`):
     {prefix}/cancel                 cancel a request by its correlation data (every device listens)
     {prefix}/dev/{device_id}/status retained: online (model, bundle hash, target) / offline (Last Will)
     {prefix}/dev/{device_id}/heartbeat  periodic load figures
-    {prefix}/reply/{client_id}      where the edgekit client asks for replies (any topic works)
+    {prefix}/reply/{client_id}      where the edgekit client asks for replies
 
 A request is an MQTT v5 PUBLISH with the properties ResponseTopic and CorrelationData
-and a JSON payload; every reply goes to the ResponseTopic with the same CorrelationData.
+and a JSON payload; every reply goes to the ResponseTopic with the same CorrelationData,
+provided it lies below the reply prefix (default {prefix}/reply: see reply_topic_problem).
 Every payload carries "v": 1. This module is pure: no sockets, no threads.
 """
 
@@ -21,12 +22,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgekit.device.sampling import SamplingConfig
+
 VERSION = 1
 DEFAULT_PREFIX = "edgekit"
 DEFAULT_GROUP = "edgekit"
 
 # Error codes of an error reply; a client can branch on them.
-INVALID = "invalid_request"  # not UTF-8, not JSON, wrong type, missing or unknown field
+INVALID = "invalid_request"  # not UTF-8, not JSON, wrong type, out of range, missing or unknown field
 UNSUPPORTED_VERSION = "unsupported_version"
 TOO_LARGE = "too_large"  # payload over the service's byte limit
 LIMIT = "limit_exceeded"  # prompt length, max_new_tokens above the service's limits
@@ -34,6 +37,7 @@ QUEUE_FULL = "queue_full"
 EXPIRED = "expired"  # message expiry or deadline passed before the request ran
 INTERRUPTED = "interrupted"  # the service stopped while generating; the partial answer is lost
 INTERNAL = "internal"
+TIMEOUT = "timeout"  # raised by the client itself when no answer came in time; never sent by a device
 
 
 class ProtocolError(ValueError):
@@ -74,14 +78,95 @@ class Topics:
     def heartbeat(self, device_id: str) -> str:
         return f"{self.prefix}/dev/{device_id}/heartbeat"
 
+    def device_of_requests(self, topic: str) -> str | None:
+        """The device id in a device request topic, or None for any other topic."""
+        return self._device_in(topic, "req")
+
+    def device_of_status(self, topic: str) -> str | None:
+        """The device id in a status topic, or None for any other topic."""
+        return self._device_in(topic, "status")
+
+    def _device_in(self, topic: str, kind: str) -> str | None:
+        head, tail = f"{self.prefix}/dev/", f"/{kind}"
+        if topic.startswith(head) and topic.endswith(tail) and "/" not in topic[len(head):-len(tail)]:
+            return topic[len(head):-len(tail)] or None
+        return None
+
+    @property
+    def reply_tree(self) -> str:
+        """The default reply prefix: replies go to topics below it, never elsewhere."""
+        return f"{self.prefix}/reply"
+
     def replies(self, client_id: str) -> str:
-        return f"{self.prefix}/reply/{client_id}"
+        return f"{self.reply_tree}/{client_id}"
+
+    def protocol_topics(self) -> list[str]:
+        """Topics (with everything below them) that carry requests, cancels and presence: never a reply topic."""
+        return [self.fleet_requests, self.cancel, f"{self.prefix}/dev"]
 
 
 def check_topic_name(name: str, what: str) -> None:
     """Raise ValueError when `name` cannot be one level of a topic (device id, client id, group)."""
-    if not name or any(c in name for c in "/+#\0") or name.startswith("$"):
-        raise ValueError(f"{what} {name!r} must be non-empty without '/', '+', '#' or a leading '$'")
+    if not isinstance(name, str) or not name or any(c in name for c in "/+#\0") or name.startswith("$") \
+            or not _is_unicode(name):
+        raise ValueError(f"{what} {name!r} must be non-empty UTF-8 text without '/', '+', '#' or a leading '$'")
+
+
+def check_topic_prefix(prefix: str, what: str) -> None:
+    """Raise ValueError when `prefix` cannot lead a topic name (levels may be separated by '/')."""
+    if not isinstance(prefix, str) or not prefix or prefix.startswith(("$", "/")) or prefix.endswith("/") \
+            or any(c in prefix for c in "+#\0") or not _is_unicode(prefix):
+        raise ValueError(f"{what} {prefix!r} must be non-empty UTF-8 text without '+', '#', a leading '$' "
+                         "or a leading or trailing '/'")
+
+
+def check_positive(name: str, value: Any, *, integer: bool = False, zero_ok: bool = False) -> None:
+    """Raise ValueError (one line) unless `value` is a finite number > 0 (>= 0 with zero_ok; an int with
+    integer). For the service's and the client's settings: limits, periods, timeouts."""
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    if ok and not integer:
+        try:
+            ok = math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            ok = False
+    if not ok or value < 0 or (value == 0 and not zero_ok):
+        want = "an integer" if integer else "a finite number"
+        raise ValueError(f"{name} must be {want} {'>= 0' if zero_ok else '> 0'}, got {show(value)}")
+
+
+def reply_topic_problem(topic: str | None, reply_prefix: str, topics: Topics) -> str | None:
+    """Why a device must not publish replies to `topic` (a request's ResponseTopic), or None.
+
+    The ResponseTopic is chosen by whoever sent the request, so it is not trusted: replies go
+    only below `reply_prefix`, and never onto a topic of the protocol itself (requests,
+    cancels, any device's status and heartbeat), whatever the prefix.
+    """
+    if not topic:
+        return "there is no ResponseTopic"
+    if any(c in topic for c in "+#\0"):
+        return "a ResponseTopic cannot hold '+', '#' or NUL"
+    if not topic.startswith(reply_prefix + "/") or topic == reply_prefix + "/":
+        return f"replies go only to topics below {reply_prefix}/"
+    if any(topic == t or topic.startswith(t + "/") for t in topics.protocol_topics()):
+        return "that is a request, cancel or device topic, not a reply topic"
+    return None
+
+
+def check_reply_prefix(reply_prefix: str, topics: Topics) -> None:
+    """Raise ValueError when replies cannot be confined below `reply_prefix` (see reply_topic_problem)."""
+    check_topic_prefix(reply_prefix, "reply prefix")
+    if any(reply_prefix == t or reply_prefix.startswith(t + "/") for t in topics.protocol_topics()):
+        raise ValueError(f"reply prefix {reply_prefix!r} lies in the request, cancel or device topics; replies need "
+                         f"a tree of their own (default {topics.reply_tree})")
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a str holding lone surrogates (what Python makes of invalid UTF-8): it cannot be sent."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # -- requests ----------------------------------------------------------------------
@@ -117,71 +202,136 @@ class Request:
         return json.dumps(d, ensure_ascii=False).encode()
 
 
-# field -> (accepted JSON types, check of the value or None)
+# field -> accepted JSON types. The sampling settings' ranges live in SamplingConfig (one home for
+# them: the CLI and the Python API meet the same ones); the others are the protocol's own.
 _NUMBER = (int, float)
-_FIELDS: dict[str, tuple[tuple[type, ...], Any]] = {
-    "prompt": ((str,), None),
-    "messages": ((list,), None),
-    "max_new_tokens": ((int,), lambda v: v >= 1 or "must be >= 1"),
-    "temperature": (_NUMBER, lambda v: v >= 0 or "must be >= 0"),
-    "top_k": ((int,), lambda v: v >= 0 or "must be >= 0"),
-    "top_p": (_NUMBER, lambda v: 0 < v <= 1 or "must be in (0, 1]"),
-    "repetition_penalty": (_NUMBER, lambda v: v > 0 or "must be > 0"),
-    "seed": ((int,), lambda v: 0 <= v < 2**63 or "must be in [0, 2**63)"),
-    "stop": ((list,), None),
-    "stream": ((bool,), None),
-    "deadline": (_NUMBER, None),
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "prompt": (str,),
+    "messages": (list,),
+    "max_new_tokens": (int,),
+    "temperature": _NUMBER,
+    "top_k": (int,),
+    "top_p": _NUMBER,
+    "repetition_penalty": _NUMBER,
+    "seed": (int,),
+    "stop": (list,),
+    "stream": (bool,),
+    "deadline": _NUMBER,
 }
+_SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+SEED_LIMIT = 2**63  # seeds are int64 on the wire, so clients in any language can send them
 
 
 def parse_request(payload: bytes, max_bytes: int) -> Request:
     """Decode and validate a request payload.
 
-    Returns a Request, or raises ProtocolError whose message names the field at fault
-    and whose code says the kind of fault. Unknown fields are refused, so a typo
-    ("max_tokens") is an error rather than a silently ignored setting.
+    Returns a Request, or raises ProtocolError (never anything else, whatever the bytes)
+    whose message, one line, names the field at fault and whose code says the kind of
+    fault. Unknown fields are refused, so a typo ("max_tokens") is an error rather than a
+    silently ignored setting.
     """
     if len(payload) > max_bytes:
         raise ProtocolError(TOO_LARGE, f"the payload is {len(payload)} bytes; this service accepts up to {max_bytes}")
+    return request_from_dict(_load_object(payload, "the payload"))
+
+
+def request_from_dict(raw: dict) -> Request:
+    """Validate a decoded request (with its "v") as parse_request does; the client checks
+    what it is about to send with this, so a mistake is reported before anything is sent."""
+    raw = dict(raw)
+    if "v" not in raw:
+        raise ProtocolError(UNSUPPORTED_VERSION, f'"v" must be {VERSION} (the protocol version), and it is missing')
+    version = raw.pop("v")
+    if type(version) is not int:  # JSON true is a bool, 1.0 a float: neither is the version number 1
+        raise ProtocolError(INVALID, f'"v" must be the integer {VERSION} (the protocol version), got {show(version)}')
+    if version != VERSION:
+        raise ProtocolError(UNSUPPORTED_VERSION, f'"v" must be {VERSION} (the protocol version), got {show(version)}')
+    unknown = sorted(k for k in raw if k not in _FIELDS)
+    if unknown:
+        listed = ", ".join(show(k) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ProtocolError(INVALID, f"unknown field(s) {listed}; known: {', '.join(_FIELDS)}")
+    for name, value in raw.items():
+        types = _FIELDS[name]
+        # JSON true/false are Python bools, which are ints: refuse them where a number is meant
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            want = "a number" if types is _NUMBER else _json_type(types[0])
+            raise ProtocolError(INVALID, f'"{name}" must be {want}, got {_json_type(type(value))}')
+        if types is _NUMBER:
+            raw[name] = _finite(name, value)
+    if ("prompt" in raw) == ("messages" in raw):
+        raise ProtocolError(INVALID, 'give exactly one of "prompt" (text) or "messages" (a chat)')
+    if "prompt" in raw:
+        if not raw["prompt"]:  # nothing to continue: the model would have no token to start from
+            raise ProtocolError(INVALID, '"prompt" must not be empty')
+        _check_text('"prompt"', raw["prompt"])
+    else:
+        raw["messages"] = _messages(raw["messages"])
+    if raw.get("max_new_tokens", 1) < 1:
+        raise ProtocolError(INVALID, f'"max_new_tokens" must be >= 1, got {show(raw["max_new_tokens"])}')
+    if not 0 <= raw.get("seed", 0) < SEED_LIMIT:
+        raise ProtocolError(INVALID, f'"seed" must be in [0, 2**63), got {show(raw["seed"])}')
+    try:
+        SamplingConfig(**{k: raw[k] for k in _SAMPLING if k in raw})
+    except ValueError as e:
+        raise ProtocolError(INVALID, str(e)) from None
+    for i, s in enumerate(raw.get("stop", [])):
+        if not isinstance(s, str) or not s:
+            raise ProtocolError(INVALID, f'"stop" must be a list of non-empty strings; [{i}] is '
+                                         f'{_json_type(type(s)) if s else "empty"}')
+        _check_text(f'"stop"[{i}]', s)
+    return Request(**raw)
+
+
+def _load_object(payload: bytes, what: str) -> dict:
+    """The JSON object in `payload`; ProtocolError (INVALID) for anything else, however malformed."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ProtocolError(INVALID, f"the payload is not UTF-8 ({e.reason} at byte {e.start})") from None
+        raise ProtocolError(INVALID, f"{what} is not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ProtocolError(INVALID, f"the payload is not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise ProtocolError(INVALID, f"{what} is not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:  # Python's parser recurses once per level: "[[[[..." exhausts the stack
+        raise ProtocolError(INVALID, f"{what} is nested too deeply to be a request") from None
+    except ValueError as e:  # an integer literal over Python's 4300-digit conversion limit
+        raise ProtocolError(INVALID, f"{what} is not usable JSON ({str(e).split(':')[0]})") from None
     if not isinstance(raw, dict):
-        raise ProtocolError(INVALID, f"the payload must be a JSON object, got {type(raw).__name__}")
-    version = raw.pop("v", None)
-    if version != VERSION:
-        raise ProtocolError(UNSUPPORTED_VERSION, f'"v" must be {VERSION} (the protocol version), got {version!r}')
-    unknown = sorted(set(raw) - set(_FIELDS))
-    if unknown:
-        raise ProtocolError(INVALID, f"unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(_FIELDS)}")
-    for name, value in raw.items():
-        types, check = _FIELDS[name]
-        # JSON true/false are Python bools, which are ints: refuse them where a number is meant
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            want = " or ".join(_json_type(t) for t in types)
-            raise ProtocolError(INVALID, f'"{name}" must be {want}, got {_json_type(type(value))}')
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ProtocolError(INVALID, f'"{name}" must be a finite number')
-        if check is not None and (problem := check(value)) is not True:
-            raise ProtocolError(INVALID, f'"{name}" {problem}, got {value!r}')
-    if ("prompt" in raw) == ("messages" in raw):
-        raise ProtocolError(INVALID, 'give exactly one of "prompt" (text) or "messages" (a chat)')
-    if "messages" in raw:
-        msgs = raw["messages"]
-        if not msgs:
-            raise ProtocolError(INVALID, '"messages" must not be empty')
-        for i, m in enumerate(msgs):
-            if not (isinstance(m, dict) and set(m) == {"role", "content"}
-                    and isinstance(m["role"], str) and isinstance(m["content"], str)):
-                raise ProtocolError(INVALID, f'"messages"[{i}] must be {{"role": string, "content": string}}')
-    if not all(isinstance(s, str) and s for s in raw.get("stop", [])):
-        raise ProtocolError(INVALID, '"stop" must be a list of non-empty strings')
-    return Request(**raw)
+        raise ProtocolError(INVALID, f"{what} must be a JSON object, got {_json_type(type(raw))}")
+    return raw
+
+
+def _finite(name: str, value: float) -> float:
+    try:
+        number = float(value)  # an integer too large for a float raises OverflowError
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ProtocolError(INVALID, f'"{name}" must be a finite number, got {show(value)}')
+    return number
+
+
+def _check_text(name: str, text: str) -> None:
+    """Refuse a text that cannot be tokenized or sent back: lone surrogates are not Unicode text."""
+    if not _is_unicode(text):
+        raise ProtocolError(INVALID, f"{name} is not valid text: it holds a lone surrogate "
+                                     f"(\\u{_surrogate(text):04x}); send UTF-8 text")
+
+
+def _surrogate(text: str) -> int:
+    return next(ord(c) for c in text if 0xD800 <= ord(c) <= 0xDFFF)
+
+
+def _messages(msgs: list) -> list[dict]:
+    if not msgs:
+        raise ProtocolError(INVALID, '"messages" must not be empty')
+    for i, m in enumerate(msgs):
+        if not (isinstance(m, dict) and set(m) == {"role", "content"}
+                and isinstance(m["role"], str) and isinstance(m["content"], str) and m["role"]):
+            raise ProtocolError(INVALID, f'"messages"[{i}] must be {{"role": non-empty string, "content": string}}')
+        _check_text(f'"messages"[{i}].role', m["role"])
+        _check_text(f'"messages"[{i}].content', m["content"])
+    return msgs
 
 
 def _json_type(t: type) -> str:
@@ -189,14 +339,29 @@ def _json_type(t: type) -> str:
             list: "an array", dict: "an object", type(None): "null"}.get(t, t.__name__)
 
 
+def show(value: Any) -> str:
+    """A short rendering of a value (from the wire) for an error or log line: one line, never long, never raises."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int) and abs(value) >= 10**30:  # no repr over 4300 digits, and none needed
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        text = repr(value)  # escapes control characters and lone surrogates
+        return text if len(text) <= 40 else text[:37] + "..."
+    return _json_type(type(value))
+
+
 def parse_cancel(payload: bytes) -> None:
-    """A cancel message is {"v": 1}; the request it cancels is named by its CorrelationData."""
-    try:
-        raw = json.loads(payload.decode("utf-8")) if payload else {"v": VERSION}
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ProtocolError(INVALID, "a cancel payload must be the JSON object {\"v\": 1}") from None
-    if not isinstance(raw, dict) or raw.get("v") != VERSION:
-        raise ProtocolError(UNSUPPORTED_VERSION, f'a cancel payload must carry "v": {VERSION}')
+    """A cancel message is {"v": 1} (or empty); the request it cancels is named by its
+    ResponseTopic and CorrelationData. Raises ProtocolError, never anything else."""
+    if not payload:
+        return
+    raw = _load_object(payload, "a cancel payload")
+    if type(raw.get("v")) is not int or raw["v"] != VERSION:
+        raise ProtocolError(UNSUPPORTED_VERSION, f'a cancel payload must be {{"v": {VERSION}}}, got "v": '
+                                                 f'{show(raw.get("v"))}')
 
 
 # -- replies -----------------------------------------------------------------------
@@ -232,16 +397,27 @@ def heartbeat(device_id: str, **figures: Any) -> bytes:
 
 def parse_reply(payload: bytes) -> dict:
     """Decode a reply (chunk, done or error); raises ProtocolError when it is not one."""
-    try:
-        raw = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(INVALID, f"a reply that is not JSON: {e}") from None
-    if not isinstance(raw, dict) or raw.get("type") not in ("chunk", "done", "error"):
-        raise ProtocolError(INVALID, f"not an edgekit reply: {payload[:80]!r}")
-    if raw.get("v") != VERSION:
-        raise ProtocolError(UNSUPPORTED_VERSION, f"reply version {raw.get('v')!r}; this client reads {VERSION}")
+    raw = _load_object(payload, "a reply")
+    kind = raw.get("type")
+    if kind not in _REPLY_FIELDS:
+        raise ProtocolError(INVALID, f"not an edgekit reply (type {show(kind)})")
+    if type(raw.get("v")) is not int or raw["v"] != VERSION:
+        raise ProtocolError(UNSUPPORTED_VERSION, f"reply version {show(raw.get('v'))}; this client reads {VERSION}")
+    for name, types in _REPLY_FIELDS[kind].items():
+        if not isinstance(raw.get(name), types) or isinstance(raw.get(name), bool):
+            raise ProtocolError(INVALID, f'a {kind} reply whose "{name}" is {_json_type(type(raw.get(name)))}')
     return raw
 
 
+# what a client reads from each kind of reply
+_REPLY_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "chunk": {"seq": (int,), "text": (str,)},
+    "done": {"text": (str,), "finish_reason": (str,), "device_id": (str,)},
+    "error": {"code": (str,), "message": (str,)},
+}
+
+
 def _dump(d: dict) -> bytes:
-    return json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode()
+    # backslashreplace: a lone surrogate that slipped into a text (an exception's message) becomes the
+    # JSON escape \udcxx, still valid JSON, instead of an UnicodeEncodeError that loses the reply
+    return json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")

@@ -14,6 +14,11 @@ Three threads, each with one job:
 Callbacks only put items on queues, so no callback publishes while holding a lock of
 ours (a known way to deadlock paho). The journal (journal.py) makes accepted requests
 and unacknowledged final replies survive a crash; see `recover()`.
+
+Every request with a usable ResponseTopic gets exactly one final reply (done or error),
+whatever its payload and whatever fails while taking it. The ResponseTopic is chosen by
+the sender, so replies go only below the reply prefix (`ServiceConfig.reply_prefix`) and
+never onto the protocol's own topics; a request naming another topic is dropped with a log line.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sqlite3
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +43,8 @@ from edgekit.device import sysinfo
 from edgekit.device.chat import ChatFormatError
 from edgekit.device.generate import Completion, ContextLengthError, Model
 from edgekit.device.mqtt import protocol as proto
-from edgekit.device.mqtt.connection import BrokerConfig, make_connection
-from edgekit.device.mqtt.journal import Journal
+from edgekit.device.mqtt.connection import BrokerConfig, connect_failure, make_connection
+from edgekit.device.mqtt.journal import Journal, JournaledRequest, JournalError, OutboxReply, move_aside, salvage
 
 log = logging.getLogger("edgekit.mqtt")
 
@@ -51,6 +59,11 @@ class Limits:
     max_new_tokens: int = 512
     request_s: float = 120.0  # generation is cut off (finish_reason "deadline") after this long
 
+    def __post_init__(self) -> None:
+        for name in ("queue", "payload_bytes", "prompt_chars", "max_new_tokens"):
+            proto.check_positive(f"limits.{name}", getattr(self, name), integer=True)
+        proto.check_positive("limits.request_s", self.request_s)
+
 
 @dataclass
 class ServiceConfig:
@@ -62,6 +75,19 @@ class ServiceConfig:
     heartbeat_s: float = 10.0
     session_expiry_s: int = 24 * 3600  # how long the broker queues requests for this device while it is away
     keep_done_s: float = 3600.0  # how long a done request is remembered to answer a repeat without generating
+    reply_prefix: str | None = None  # replies go only to topics below it; None: {prefix}/reply
+    reset_journal: bool = False  # a damaged journal: move it aside and start a new one (else JournalError)
+
+    def __post_init__(self) -> None:
+        proto.check_positive("heartbeat_s", self.heartbeat_s)
+        proto.check_positive("keep_done_s", self.keep_done_s)
+        proto.check_positive("session_expiry_s", self.session_expiry_s, integer=True, zero_ok=True)
+        if self.session_expiry_s >= 2**32:  # a four-byte MQTT property
+            raise ValueError(f"session_expiry_s must be below 2**32 seconds, got {self.session_expiry_s}")
+
+    def replies_below(self) -> str:
+        """The reply prefix in force (without a trailing '/')."""
+        return (self.reply_prefix or proto.Topics(self.prefix).reply_tree).rstrip("/")
 
     def journal_path(self) -> Path:
         if self.journal is not None:
@@ -103,12 +129,15 @@ class Service:
         for name, what in ((config.device_id, "device id"), (config.group, "group")):
             if name is not None:
                 proto.check_topic_name(name, what)
+        proto.check_topic_prefix(config.prefix, "topic prefix")
+        self.topics = proto.Topics(config.prefix)
+        self.reply_prefix = config.replies_below()
+        proto.check_reply_prefix(self.reply_prefix, self.topics)
         self.model = model
         self.config = config
         self.limits = config.limits
-        self.topics = proto.Topics(config.prefix)
         self.device_id = config.device_id
-        self.journal = Journal(config.journal_path())
+        self.journal = self._open_journal()
         self._jobs: queue.Queue = queue.Queue()
         self._out: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # guards the sets below; never held while publishing
@@ -127,7 +156,7 @@ class Service:
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
-        c.on_connect_fail = lambda *_: log.warning("cannot reach the broker at %s; retrying with backoff", broker.url)
+        c.on_connect_fail = self._on_connect_fail
         # sent by the broker when the connection drops without a DISCONNECT (crash, power cut, network)
         c.will_set(self.topics.status(self.device_id), proto.status(self.device_id, online=False),
                    qos=1, retain=True)
@@ -149,29 +178,101 @@ class Service:
         Replies the broker never acknowledged are sent again. Requests accepted but not
         started are run, unless they have expired (expiry error); a request that was
         generating when the service died gets an "interrupted" error, since its streamed
-        chunks cannot be taken back.
+        chunks cannot be taken back. Replies to a topic the reply prefix no longer allows are
+        dropped (the configuration changed since).
         """
         self.journal.prune(time.time() - self.config.keep_done_s)
         for r in self.journal.unsent():
-            self._out.put(_Outgoing(r.topic, r.payload, r.correlation, outbox_id=r.id))
+            try:
+                self._resend(r)
+            except Exception as e:  # noqa: BLE001 (a row that reads but makes no sense: damage sqlite cannot see)
+                log.warning("dropped a damaged journaled reply (%s: %s)", type(e).__name__, e)
+                self.journal.sent(r.id)
         for r in self.journal.unfinished():
-            key = (r.response_topic, r.correlation)
-            if r.state == "running":
-                self._finish_error(key, proto.INTERRUPTED,
-                                   "the service stopped while generating this answer; send the request again")
-            elif r.expires is not None and time.time() >= r.expires:
-                self._finish_error(key, proto.EXPIRED, "the request expired while the service was down")
-            else:
-                try:
-                    request = proto.parse_request(r.payload, max(self.limits.payload_bytes, len(r.payload)))
-                except proto.ProtocolError as e:  # accepted by an older configuration: still answer
-                    self._finish_error(key, e.code, str(e))
-                    continue
-                with self._lock:
-                    self._in_flight.add(key)
-                self._jobs.put(_Job(key, request, r.received, r.expires))
+            try:
+                self._resume(r)
+            except Exception as e:  # noqa: BLE001 (the same, for a request)
+                self._give_up_on(r, f"{type(e).__name__}: {e}")
         if self._jobs.qsize():
             log.info("resuming %d request(s) from the journal", self._jobs.qsize())
+
+    def _resend(self, r: OutboxReply) -> None:
+        if (problem := proto.reply_topic_problem(r.topic, self.reply_prefix, self.topics)) is not None:
+            log.warning("not re-sending a journaled reply to %s: %s", proto.show(r.topic), problem)
+            self.journal.sent(r.id)
+            return
+        self._out.put(_Outgoing(r.topic, _blob(r.payload), None if r.correlation is None else _blob(r.correlation),
+                                outbox_id=r.id))
+
+    def _resume(self, r: JournaledRequest) -> None:
+        """Run, expire or interrupt one request the previous run left unfinished."""
+        key = (r.response_topic, _blob(r.correlation))
+        if (problem := proto.reply_topic_problem(r.response_topic, self.reply_prefix, self.topics)) is not None:
+            log.warning("not resuming a journaled request for %s: %s", proto.show(r.response_topic), problem)
+            self.journal.drop(*key)
+        elif r.state == "running":
+            self._finish_error(key, proto.INTERRUPTED,
+                               "the service stopped while generating this answer; send the request again")
+        elif r.expires is not None and time.time() >= float(r.expires):
+            self._finish_error(key, proto.EXPIRED, "the request expired while the service was down")
+        else:
+            payload = _blob(r.payload)
+            try:
+                request = proto.parse_request(payload, max(self.limits.payload_bytes, len(payload)))
+            except proto.ProtocolError as e:  # accepted by an older configuration: still answer
+                self._finish_error(key, e.code, str(e))
+                return
+            with self._lock:
+                self._in_flight.add(key)
+            self._jobs.put(_Job(key, request, float(r.received), None if r.expires is None else float(r.expires)))
+
+    def _give_up_on(self, r: JournaledRequest, reason: str) -> None:
+        """A journaled request whose row reads but makes no sense: answer it "interrupted" when it
+        says where to, else forget it."""
+        log.warning("a journaled request is damaged (%s); answering it 'interrupted' where possible", reason)
+        if isinstance(r.correlation, bytes) and isinstance(r.response_topic, str) and \
+                proto.reply_topic_problem(r.response_topic, self.reply_prefix, self.topics) is None:
+            self._finish_error((r.response_topic, r.correlation), proto.INTERRUPTED,
+                               "the device's journal entry for this request was damaged; send it again")
+        else:
+            self.journal.drop(r.response_topic, r.correlation)
+
+    def _open_journal(self) -> Journal:
+        """The journal; a damaged one is moved aside when config.reset_journal says so (else JournalError).
+
+        Starting over answers "interrupted" to each request the damaged file still shows as
+        not done, and sends again the intact replies it had not delivered.
+        """
+        path = self.config.journal_path()
+        try:
+            return Journal(path)
+        except JournalError as e:
+            if not (e.damaged and self.config.reset_journal):
+                raise
+            reason = e.reason
+        try:
+            moved = move_aside(path)
+        except OSError as e:
+            raise JournalError(path, f"damaged ({reason}), and moving it aside failed: {e}", damaged=False) from None
+        found = salvage(moved)
+        journal = Journal(path)
+        lost = proto.error(proto.INTERRUPTED, "the device's journal was damaged and this request was lost with it; "
+                                              "send it again", self.device_id)
+        for topic, correlation in found.unfinished:
+            journal.accept(topic, correlation, b"", time.time(), None)
+            journal.finish(topic, correlation, lost)
+        resent = 0
+        for r in found.unsent:
+            try:
+                proto.parse_reply(r.payload)  # damage can leave a row that reads but is not a reply
+            except proto.ProtocolError:
+                continue
+            journal.add_reply(r.topic, r.correlation, r.payload)
+            resent += 1
+        log.warning("the journal %s was damaged (%s): moved it to %s and started a new one; %d request(s) in it "
+                    "will be answered 'interrupted', %d unsent repl(ies) sent again%s", path, reason, moved,
+                    len(found.unfinished), resent, f" (read stopped at: {found.problem})" if found.problem else "")
+        return journal
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the request being generated (up to `timeout`), leave queued ones in the
@@ -233,8 +334,15 @@ class Service:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.ready.clear()
+        error = self.conn.take_error()
         if not self._stopping.is_set():
-            log.warning("lost the broker (%s); reconnecting with backoff", reason_code)
+            log.warning("lost the broker (%s%s); reconnecting with backoff", reason_code, f": {error}" if error else "")
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this inside its `except OSError:` around the connect, so the exception being
+        # handled is the reason (a refused TLS certificate, a refused connection, ...)
+        log.warning("cannot connect to the broker at %s: %s; retrying with backoff", self.conn.config.url,
+                    connect_failure(sys.exc_info()[1]))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if reason_code.is_failure:  # e.g. an ACL that forbids the reply topic: retrying would not help
@@ -242,59 +350,75 @@ class Service:
         self._out.put(_Ack(mid))
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        # a bug here must not kill paho's network thread: log it (a request still gets its reply)
         try:
             if msg.topic == self.topics.cancel:
                 self._handle_cancel(msg)
             else:
                 self._handle_request(msg)
-        except Exception:  # a bug here must not kill paho's network thread
-            log.exception("could not handle a message on %s", msg.topic)
+        except Exception:
+            log.exception("could not handle a message on %s", proto.show(msg.topic))
 
     def _handle_request(self, msg: mqtt.MQTTMessage) -> None:
         props = msg.properties
         response_topic = getattr(props, "ResponseTopic", None)
-        correlation = getattr(props, "CorrelationData", None)
-        if not response_topic or any(c in response_topic for c in "+#"):
+        problem = proto.reply_topic_problem(response_topic, self.reply_prefix, self.topics)
+        if problem is not None:
             self.counts["dropped"] += 1
-            log.warning("dropped a request on %s with ResponseTopic %r: there is nowhere to reply",
-                        msg.topic, response_topic)
+            log.warning("dropped a request on %s with ResponseTopic %s: %s", msg.topic, proto.show(response_topic),
+                        problem)
             return
+        correlation = getattr(props, "CorrelationData", None)
+        correlation = None if correlation is None else bytes(correlation)
+        try:
+            self._take_request(msg, response_topic, correlation)
+        except Exception as e:  # a bug, or a journal that fails: the request still gets its one final reply
+            log.exception("could not take a request on %s", msg.topic)
+            self._reply_error(response_topic, correlation, proto.INTERNAL, f"{type(e).__name__}: {e}")
+
+    def _take_request(self, msg: mqtt.MQTTMessage, response_topic: str, correlation: bytes | None) -> None:
+        """Answer, refuse or queue one request; raises only before it is queued (then nothing was sent)."""
         if correlation is None:
             self._reply_error(response_topic, None, proto.INVALID,
                               "the request has no CorrelationData; set it so replies can be matched")
             return
-        key = (response_topic, bytes(correlation))
+        key = (response_topic, correlation)
         seen = self.journal.lookup(*key)
         if seen is not None:
             # QoS 1 may deliver a request twice, and clients repeat requests they got no answer to
             _, final = seen
             self.counts["duplicates"] += 1
             if final is not None:
-                self._out.put(_Outgoing(response_topic, final, key[1]))
+                self._out.put(_Outgoing(response_topic, final, correlation))
             return
         received = time.time()
         try:
             request = proto.parse_request(msg.payload, self.limits.payload_bytes)
             self._check_limits(request)
         except proto.ProtocolError as e:
-            self._reply_error(response_topic, key[1], e.code, str(e))
+            self._reply_error(response_topic, correlation, e.code, str(e))
             return
-        expiry = getattr(props, "MessageExpiryInterval", None)
+        expiry = getattr(msg.properties, "MessageExpiryInterval", None)
         ends = [t for t in (expiry and received + expiry, request.deadline) if t]
         expires = min(ends) if ends else None
         if request.deadline is not None and request.deadline <= received:
-            self._reply_error(response_topic, key[1], proto.EXPIRED, "the request's deadline had passed on arrival")
+            self._reply_error(response_topic, correlation, proto.EXPIRED, "the request's deadline had passed on arrival")
             return
         with self._lock:
             full = len(self._in_flight) >= self.limits.queue
             if not full and not self._stopping.is_set():
                 self._in_flight.add(key)
         if full:
-            self._reply_error(response_topic, key[1], proto.QUEUE_FULL,
+            self._reply_error(response_topic, correlation, proto.QUEUE_FULL,
                               f"{self.limits.queue} requests are already queued on {self.device_id}; retry later")
             return
-        # committed before this callback returns, i.e. before paho sends the PUBACK
-        self.journal.accept(response_topic, key[1], msg.payload, received, expires)
+        try:
+            # committed before this callback returns, i.e. before paho sends the PUBACK
+            self.journal.accept(response_topic, correlation, msg.payload, received, expires)
+        except BaseException:
+            with self._lock:
+                self._in_flight.discard(key)
+            raise
         if not self._stopping.is_set():  # when stopping, the next start runs it from the journal
             self._jobs.put(_Job(key, request, received, expires))
 
@@ -308,12 +432,19 @@ class Service:
                                                    f"limit of {lim.max_new_tokens}")
 
     def _handle_cancel(self, msg: mqtt.MQTTMessage) -> None:
+        # anyone on the bus can publish here: a malformed cancel costs one log line, never a traceback
         props = msg.properties
         key = (getattr(props, "ResponseTopic", None), getattr(props, "CorrelationData", None))
         if key[0] is None or key[1] is None:
+            self.counts["dropped"] += 1
             log.warning("ignored a cancel without the ResponseTopic and CorrelationData of its request")
             return
-        proto.parse_cancel(msg.payload)
+        try:
+            proto.parse_cancel(msg.payload)
+        except proto.ProtocolError as e:
+            self.counts["dropped"] += 1
+            log.warning("ignored a malformed cancel for %s: %s", proto.show(key[0]), e)
+            return
         key = (key[0], bytes(key[1]))
         with self._lock:
             if key in self._in_flight:  # requests served elsewhere, or already done, are not ours to cancel
@@ -330,7 +461,10 @@ class Service:
                 self._serve(job)
             except Exception as e:  # a bug must cost one request an error reply, not the service
                 log.exception("request failed")
-                self._finish_error(job.key, proto.INTERNAL, f"{type(e).__name__}: {e}")
+                try:
+                    self._finish_error(job.key, proto.INTERNAL, f"{type(e).__name__}: {e}")
+                except Exception:  # the worker must outlive anything: it serves every later request
+                    log.exception("could not answer a failed request")
             finally:
                 with self._lock:
                     self._in_flight.discard(job.key)
@@ -386,24 +520,33 @@ class Service:
             timing.update(ttft_s=round(s.time_to_first_token_s, 4), prefill_s=round(s.prefill_s, 4),
                           decode_tokens_per_s=round(s.decode_tokens_per_s, 1))
         final = proto.done(chunks, text, reason, self.device_id, usage, timing)
-        oid = self.journal.finish(*job.key, final)
         self.counts["served"] += 1
-        self._out.put(_Outgoing(job.key[0], final, job.key[1], outbox_id=oid))
+        self._send_final(job.key, final, lambda: self.journal.finish(*job.key, final))
 
     def _finish_error(self, key: tuple[str, bytes], code: str, message: str) -> None:
         """Answer an accepted request with an error (it is then done in the journal)."""
         final = proto.error(code, message, self.device_id)
-        oid = self.journal.finish(*key, final)
         self.counts["errors"] += 1
-        self._out.put(_Outgoing(key[0], final, key[1], outbox_id=oid))
+        self._send_final(key, final, lambda: self.journal.finish(*key, final))
 
     def _reply_error(self, topic: str, correlation: bytes | None, code: str, message: str) -> None:
         """Answer a request that was not accepted (malformed, over a limit, queue full)."""
         log.info("refused a request (%s): %s", code, message)
         payload = proto.error(code, message, self.device_id)
-        oid = self.journal.add_reply(topic, correlation, payload)
         self.counts["errors"] += 1
-        self._out.put(_Outgoing(topic, payload, correlation, outbox_id=oid))
+        self._send_final((topic, correlation), payload, lambda: self.journal.add_reply(topic, correlation, payload))
+
+    def _send_final(self, key: tuple[str, bytes | None], final: bytes, journal_it: Callable[[], int]) -> None:
+        """Journal a final reply with `journal_it()` (which returns its outbox id), then queue it for sending.
+
+        A journal that fails (a full or failing disk) costs the reply its durability, not the reply.
+        """
+        try:
+            oid = journal_it()
+        except sqlite3.Error as e:
+            log.error("could not journal the reply to %s (%s); sending it unjournaled", proto.show(key[0]), e)
+            oid = None
+        self._out.put(_Outgoing(key[0], final, key[1], outbox_id=oid))
 
     # -- sender thread: the one place that publishes -------------------------------------
 
@@ -419,7 +562,7 @@ class Service:
                 self._publish(_Outgoing(self.topics.heartbeat(self.device_id), self._heartbeat(), qos=0))
                 next_beat = now + self.config.heartbeat_s
             if now >= next_prune:  # keep the journal to what a repeat may still need
-                self.journal.prune(time.time() - self.config.keep_done_s)
+                self._journal_quietly(self.journal.prune, time.time() - self.config.keep_done_s)
                 next_prune = now + 60.0
             try:
                 item = self._out.get(timeout=max(0.05, min(next_beat, drain_until or next_beat) - now))
@@ -430,11 +573,18 @@ class Service:
             elif isinstance(item, _Ack):
                 oid = waiting.pop(item.mid, None)
                 if oid is not None:
-                    self.journal.sent(oid)
+                    self._journal_quietly(self.journal.sent, oid)
             else:
                 info = self._publish(item)
                 if info is not None and item.outbox_id is not None:
                     waiting[info.mid] = item.outbox_id
+
+    def _journal_quietly(self, op, *args) -> None:
+        """A journal write from the sender, whose thread must outlive a failing disk (it sends every reply)."""
+        try:
+            op(*args)
+        except sqlite3.Error as e:
+            log.error("the journal failed (%s): %s", op.__name__, e)
 
     def _publish(self, item: _Outgoing) -> mqtt.MQTTMessageInfo | None:
         props = Properties(PacketTypes.PUBLISH)
@@ -460,6 +610,13 @@ class Service:
                                queue_limit=self.limits.queue, uptime_s=round(time.monotonic() - self._started, 1),
                                load1=load1, rss_mb=sysinfo.rss_mb(), cpu_temp_c=sysinfo.cpu_temperature_c(),
                                **self.counts)
+
+
+def _blob(value) -> bytes:
+    """A journal BLOB as bytes; TypeError for anything else (damage can leave a number or a text there)."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected bytes in the journal, found {type(value).__name__}")
+    return bytes(value)
 
 
 def _model_name(manifest) -> str | None:
