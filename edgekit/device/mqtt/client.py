@@ -55,6 +55,8 @@ class Answer:
     device_id: str
     usage: dict = field(default_factory=dict)  # prompt_tokens, cached_tokens, completion_tokens
     timing: dict = field(default_factory=dict)  # queue_s, ttft_s, prefill_s, decode_tokens_per_s, total_s
+    valid: bool | None = None  # constrained output: complete and valid (False: cut short by a limit)
+    tool_calls: list | None = None  # with tools: OpenAI-shaped calls
 
 
 class Pending:
@@ -93,7 +95,8 @@ class Pending:
                 yield reply["text"]
             elif reply["type"] == "done":
                 self._answer = Answer(reply["text"], reply["finish_reason"], reply["device_id"],
-                                      reply.get("usage", {}), reply.get("timing", {}))
+                                      reply.get("usage", {}), reply.get("timing", {}), reply.get("valid"),
+                                      reply.get("tool_calls"))
                 # chunks lost with a broker that restarted without persistence: the final has everything
                 if self._answer.text.startswith(self._streamed) and len(self._answer.text) > len(self._streamed):
                     yield self._answer.text[len(self._streamed):]

@@ -37,6 +37,7 @@ QUEUE_FULL = "queue_full"
 EXPIRED = "expired"  # message expiry or deadline passed before the request ran
 INTERRUPTED = "interrupted"  # the service stopped while generating; the partial answer is lost
 INTERNAL = "internal"
+SCHEMA = "invalid_schema"  # a response_format schema, regex, grammar or tools that cannot constrain generation
 TIMEOUT = "timeout"  # raised by the client itself when no answer came in time; never sent by a device
 
 
@@ -187,6 +188,23 @@ class Request:
     stop: list[str] = field(default_factory=list)
     stream: bool = True  # send chunks as they come; false: only the final message
     deadline: float | None = None  # unix time; not started after it, cut off at it
+    # constrained output (at most one): OpenAI-shaped response_format, a regex, a Lark grammar, or tools
+    response_format: dict | None = None  # {"type": "json_schema", "json_schema": {"schema": ...}} | json_object | text
+    regex: str | None = None
+    grammar: str | None = None
+    tools: list | None = None  # OpenAI-shaped functions; the final then carries tool_calls
+    tool_choice: str | dict | None = None  # auto (default with tools) | required | none | {"type": "function", ...}
+
+    def constraint(self) -> dict:
+        """The runtime's arguments for this request's constrained output (Model.stream)."""
+        fmt = self.response_format or {}
+        schema = {"json_object": {"type": "object"}}.get(fmt.get("type"))
+        if fmt.get("type") == "json_schema":
+            schema = fmt["json_schema"]["schema"]
+        out = {"json_schema": schema, "regex": self.regex, "grammar": self.grammar}
+        if self.tools is not None:
+            out.update(tools=self.tools, tool_choice=self.tool_choice or "auto")
+        return out
 
     def prompt_chars(self) -> int:
         if self.prompt is not None:
@@ -217,7 +235,13 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "stop": (list,),
     "stream": (bool,),
     "deadline": _NUMBER,
+    "response_format": (dict,),
+    "regex": (str,),
+    "grammar": (str,),
+    "tools": (list,),
+    "tool_choice": (str, dict),
 }
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 _SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
 SEED_LIMIT = 2**63  # seeds are int64 on the wire, so clients in any language can send them
 
@@ -279,7 +303,33 @@ def request_from_dict(raw: dict) -> Request:
             raise ProtocolError(INVALID, f'"stop" must be a list of non-empty strings; [{i}] is '
                                          f'{_json_type(type(s)) if s else "empty"}')
         _check_text(f'"stop"[{i}]', s)
+    _check_constraint(raw)
     return Request(**raw)
+
+
+def _check_constraint(raw: dict) -> None:
+    """The shape of the constrained-output fields; whether a schema compiles is the device's to say
+    (SCHEMA), with its tokenizer."""
+    fmt = raw.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type")
+        if kind not in RESPONSE_FORMATS:
+            raise ProtocolError(INVALID, f'"response_format".type must be one of {", ".join(RESPONSE_FORMATS)}, '
+                                         f"got {show(kind)}")
+        if kind == "json_schema" and not (isinstance(fmt.get("json_schema"), dict)
+                                          and isinstance(fmt["json_schema"].get("schema"), (dict, bool))):
+            raise ProtocolError(INVALID, '"response_format" of type json_schema needs "json_schema": '
+                                         '{"schema": {...}}')
+    given = [k for k in ("regex", "grammar", "tools") if k in raw] + \
+        (["response_format"] if fmt is not None and fmt.get("type") != "text" else [])
+    if len(given) > 1:
+        raise ProtocolError(INVALID, f"give at most one of response_format, regex, grammar and tools "
+                                     f"(got {', '.join(given)})")
+    for name in ("regex", "grammar"):
+        if name in raw:
+            _check_text(f'"{name}"', raw[name])
+    if "tool_choice" in raw and "tools" not in raw:
+        raise ProtocolError(INVALID, '"tool_choice" goes with "tools"')
 
 
 def _load_object(payload: bytes, what: str) -> dict:
@@ -372,13 +422,20 @@ def chunk(seq: int, text: str) -> bytes:
     return _dump({"v": VERSION, "type": "chunk", "seq": seq, "text": text})
 
 
-def done(seq: int, text: str, finish_reason: str, device_id: str, usage: dict, timing: dict) -> bytes:
-    """The final message: the whole text, why it ended, token counts and timing figures.
+def done(seq: int, text: str, finish_reason: str, device_id: str, usage: dict, timing: dict,
+         valid: bool | None = None, tool_calls: list | None = None) -> bytes:
+    """The final message: the whole text, why it ended, token counts and timing figures; with
+    constrained output, whether the text is complete and valid, and any tool calls.
 
-    finish_reason: eos | stop | length | context (from the runtime), cancelled, deadline.
+    finish_reason: eos | stop | length | context | tool_calls (from the runtime), cancelled, deadline.
     """
-    return _dump({"v": VERSION, "type": "done", "seq": seq, "text": text, "finish_reason": finish_reason,
-                  "device_id": device_id, "usage": usage, "timing": timing})
+    d = {"v": VERSION, "type": "done", "seq": seq, "text": text, "finish_reason": finish_reason,
+         "device_id": device_id, "usage": usage, "timing": timing}
+    if valid is not None:
+        d["valid"] = valid
+    if tool_calls is not None:
+        d["tool_calls"] = tool_calls
+    return _dump(d)
 
 
 def error(code: str, message: str, device_id: str) -> bytes:

@@ -41,6 +41,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgekit.device import sysinfo
 from edgekit.device.chat import ChatFormatError
+from edgekit.device.constrain import ConstraintError
 from edgekit.device.generate import Completion, ContextLengthError, Model
 from edgekit.device.mqtt import protocol as proto
 from edgekit.device.mqtt.connection import BrokerConfig, connect_failure, make_connection
@@ -483,9 +484,12 @@ class Service:
         try:
             stream = self.model.stream(r.prompt if r.prompt is not None else r.messages, max_new_tokens=max_new,
                                        temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                                       repetition_penalty=r.repetition_penalty, seed=r.seed, stop=r.stop)
+                                       repetition_penalty=r.repetition_penalty, seed=r.seed, stop=r.stop,
+                                       **r.constraint())
         except ContextLengthError as e:
             return self._finish_error(key, proto.LIMIT, str(e))
+        except ConstraintError as e:
+            return self._finish_error(key, proto.SCHEMA, str(e))
         except (ChatFormatError, ValueError) as e:
             return self._finish_error(key, proto.INVALID, str(e))
         cutoff = started + self.limits.request_s
@@ -511,15 +515,16 @@ class Service:
         """Send the final message; no completion means the request was cancelled before it started."""
         end = time.time()
         timing = {"queue_s": round(started - job.received, 4), "total_s": round(end - started, 4)}
-        text, reason, usage = "", "cancelled", {}
+        text, reason, usage, valid, calls = "", "cancelled", {}, None, None
         if completion is not None:
+            valid, calls = completion.valid, completion.tool_calls
             s = completion.stats
             text, reason = completion.text, completion.finish_reason
             usage = {"prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens,
                      "completion_tokens": len(completion.token_ids)}
             timing.update(ttft_s=round(s.time_to_first_token_s, 4), prefill_s=round(s.prefill_s, 4),
                           decode_tokens_per_s=round(s.decode_tokens_per_s, 1))
-        final = proto.done(chunks, text, reason, self.device_id, usage, timing)
+        final = proto.done(chunks, text, reason, self.device_id, usage, timing, valid, calls)
         self.counts["served"] += 1
         self._send_final(job.key, final, lambda: self.journal.finish(*job.key, final))
 
