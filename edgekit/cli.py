@@ -184,6 +184,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--min-p", type=float, help="keep tokens at least this share of the top token's probability")
+    p.add_argument("--presence-penalty", type=float, help="-2..2: lower the odds of any token already generated")
+    p.add_argument("--frequency-penalty", type=float, help="-2..2: lower them by how often it was generated")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (-100..100) to token ID's logit; repeatable")
+    p.add_argument("--logprobs", type=int, metavar="N", help="print each token's log-probability and the N likeliest "
+                                                            "tokens (stderr, one JSON line per token)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the target's)")
@@ -226,7 +233,9 @@ def _run_generate(args) -> int:
     try:
         stream = model.stream(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                              seed=args.seed, stop=args.stop, **constraint)
+                              seed=args.seed, stop=args.stop, min_p=args.min_p,
+                              presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                              logit_bias=_logit_bias(args.logit_bias), top_logprobs=args.logprobs, **constraint)
     except ValueError as e:
         raise UserError(str(e)) from None
     for piece in stream:
@@ -242,12 +251,25 @@ def _run_generate(args) -> int:
               file=sys.stderr)
     if done.finish_reason == "context":
         print(f"edgekit generate: stopped at the context length ({model.context_length} tokens)", file=sys.stderr)
+    for entry in done.logprobs or []:
+        print(json.dumps(entry, ensure_ascii=False), file=sys.stderr)
     if done.valid is False:
         print(f"edgekit generate: the answer is incomplete ({done.finish_reason}): it does not yet follow the "
               "schema or grammar; raise --max-new-tokens", file=sys.stderr)
     if args.stats:
         print(f"[{done.finish_reason}] {done.stats.summary()} | {model.provider}", file=sys.stderr)
     return 0 if done.valid is not False else 3
+
+
+def _logit_bias(items: list[str]) -> dict[int, float] | None:
+    bias = {}
+    for item in items:
+        token, _, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise UserError(f"--logit-bias {item}: expected TOKEN_ID=BIAS, e.g. 1234=-100") from None
+    return bias or None
 
 
 def _read_text(path: str, flag: str) -> str:

@@ -85,3 +85,38 @@ def test_the_extremes_of_the_ranges_still_sample_finite_probabilities(temperatur
             _, probs = distribution(logits, cfg, seen)
             assert np.isfinite(probs).all() and abs(probs.sum() - 1) < 1e-5
     assert 0 <= token < 5000
+
+
+def test_min_p_matches_transformers():
+    from transformers import MinPLogitsWarper
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, 1000).astype(np.float32)
+    ids, probs = distribution(logits, SamplingConfig(temperature=0.8, min_p=0.05), np.empty(0, np.int64))
+    got = np.zeros(1000)
+    got[ids] = probs
+    scores = MinPLogitsWarper(0.05)(None, TemperatureLogitsWarper(0.8)(None, torch.tensor(logits)[None]))
+    np.testing.assert_allclose(got, torch.softmax(scores, -1)[0].numpy(), atol=1e-6)
+
+
+def test_presence_and_frequency_penalties_and_logit_bias_are_openais():
+    """logit - presence * (count > 0) - frequency * count, over the answer's tokens; plus the bias."""
+    logits = np.zeros(5, np.float32)
+    cfg = SamplingConfig(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={4: 3.0})
+    from edgekit.device.sampling import adjust
+
+    got = adjust(logits, cfg, np.empty(0, np.int64), np.array([1, 1, 2]))
+    np.testing.assert_allclose(got, [0, -1.0, -0.75, 0, 3.0])
+    assert logits.tolist() == [0, 0, 0, 0, 0]  # the model's logits are not touched
+    banned = SamplingConfig(logit_bias={1: -100.0})
+    assert sample(np.array([0.0, 5.0, 1.0], np.float32), banned, np.random.default_rng(), np.empty(0, np.int64)) == 2
+
+
+def test_generation_reports_the_models_log_probabilities(tiny_bundle):
+    from edgekit.device import Model
+
+    done = Model(tiny_bundle).generate("The robot", max_new_tokens=4, temperature=0.0, top_logprobs=3)
+    assert len(done.logprobs) == len(done.token_ids)
+    first = done.logprobs[0]
+    assert first["id"] == done.token_ids[0] and first["top"][0]["id"] == first["id"]  # greedy: the likeliest
+    assert first["logprob"] == first["top"][0]["logprob"] <= 0

@@ -31,6 +31,7 @@ from edgekit.device.bundle import BundleError, Manifest, bundle_hash, check_grap
 from edgekit.device import tools as tool_calls
 from edgekit.device.constrain import Constraint, ConstraintError, Spec, compile_grammar
 from edgekit.device.sampling import SamplingConfig, sample
+from edgekit.device.sampling import top_logprobs as top_logprobs_of
 from edgekit.device.session import create_session
 
 
@@ -122,6 +123,8 @@ class Completion:
     valid: bool | None = None
     # with tools: the calls the model made, OpenAI-shaped (device/tools.py); finish_reason "tool_calls"
     tool_calls: list[dict] | None = None
+    # with top_logprobs: per generated token {"id", "token", "logprob", "top": [{"id", "token", "logprob"}]}
+    logprobs: list[dict] | None = None
 
 
 class Stream:
@@ -320,6 +323,11 @@ class Model:
         tools: list[dict] | None = None,
         tool_choice: str | dict = "auto",
         chat_template_kwargs: dict | None = None,
+        min_p: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        logit_bias: dict[int, float] | None = None,
+        top_logprobs: int | None = None,
     ) -> Stream:
         """Generate from `prompt` (text, or a list of chat messages), yielding text as it comes.
 
@@ -333,6 +341,8 @@ class Model:
         ("required", or {"type": "function", "function": {"name": N}}) or may not ("none"); a call is
         constrained to a tool's name and parameters schema, and parsed into `completion.tool_calls`.
         `chat_template_kwargs` go to the chat template (Qwen3: {"enable_thinking": False}).
+        `top_logprobs` N: each sampled token's log-probability and the model's N likeliest tokens go to
+        `completion.logprobs` (tokens a grammar forced have none: the model did not choose them).
         """
         spec = Spec.of(json_schema, regex, grammar)
         if tools is not None:
@@ -343,13 +353,13 @@ class Model:
             spec = tool_calls.constraint_for(tools, tool_choice)
         stop = [stop] if isinstance(stop, str) else list(stop)
         gen = self.manifest.generation
-        cfg = SamplingConfig(
-            temperature=gen.get("temperature", 0.0) if temperature is None else temperature,
-            top_k=gen.get("top_k", 0) if top_k is None else top_k,
-            top_p=gen.get("top_p", 1.0) if top_p is None else top_p,
-            repetition_penalty=gen.get("repetition_penalty", 1.0) if repetition_penalty is None else repetition_penalty,
-            seed=seed,
-        )
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
+                 "min_p": min_p, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty}
+        cfg = SamplingConfig(seed=seed, logit_bias=logit_bias, **{  # settings not given take the bundle's defaults
+            k: v if v is not None else gen[k] for k, v in given.items() if v is not None or k in gen})
+        if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int)
+                                         or not 0 <= top_logprobs <= 20):
+            raise ValueError(f"top_logprobs must be an integer from 0 to 20, got {top_logprobs!r}")
         max_new = gen.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
@@ -360,7 +370,8 @@ class Model:
         ids = self.encode(prompt, tools, chat_template_kwargs)
         stats.tokenize_s = time.perf_counter() - t0
         self._check_fits(len(ids))
-        return Stream(lambda s: self._generate(ids, cfg, max_new, stop, stats, s, constraint, tools is not None))
+        return Stream(lambda s: self._generate(ids, cfg, max_new, stop, stats, s, constraint, tools is not None,
+                                               top_logprobs))
 
     @functools.cached_property
     def guide_tokenizer(self):
@@ -380,7 +391,8 @@ class Model:
         return s.completion
 
     def _generate(self, ids: list[int], cfg: SamplingConfig, max_new: int, stop: list[str], stats: Stats,
-                  stream: Stream, constraint: Constraint | None, with_tools: bool = False) -> Iterator[str]:
+                  stream: Stream, constraint: Constraint | None, with_tools: bool = False,
+                  top_logprobs: int | None = None) -> Iterator[str]:
         """The decode loop: sample, check, yield text, feed the token (and any the grammar forces).
 
             logits ──► [mask to the grammar] ──► sample ──► EOS? stop string? limits? ──► feed [token, *forced]
@@ -393,6 +405,7 @@ class Model:
 
         seen = np.array(ids, dtype=np.int64) if cfg.repetition_penalty != 1.0 else np.empty(0, np.int64)
         out: list[int] = []
+        logprobs: list[dict] | None = [] if top_logprobs is not None else None
         emitted = 0  # characters of text already yielded
         hold = max((len(s) for s in stop), default=1) - 1  # hold back what may be the start of a stop string
         finish = "length"
@@ -408,9 +421,14 @@ class Model:
                     if constraint.finished:  # complete: only EOS could follow
                         finish = "eos"
                         break
+                    raw = logits.copy() if logprobs is not None else logits
                     constraint.mask(logits)
-                token = sample(logits, cfg, rng, seen)
+                else:
+                    raw = logits
+                token = sample(logits, cfg, rng, seen, np.asarray(out, np.int64))
                 stats.sample_s += time.perf_counter() - t
+                if logprobs is not None:
+                    logprobs.append(self._logprob(raw, token, top_logprobs))
                 if token in self.eos_token_ids:
                     finish = "eos"
                     break
@@ -422,6 +440,9 @@ class Model:
                         constraint.consume(forced)
                         feed += forced
             feed = feed[: max_new - len(out)]
+            if logprobs is not None:  # tokens a grammar forced: the model did not choose them
+                logprobs += [{"id": i, "token": self.tokenizer.id_to_token(i), "logprob": None, "top": []}
+                             for i in feed[len(logprobs) - len(out):]]
             out += feed
             if cfg.repetition_penalty != 1.0:
                 seen = np.append(seen, feed)
@@ -460,4 +481,12 @@ class Model:
         calls = tool_calls.parse_calls(text) if with_tools and valid else None
         if calls:
             finish = "tool_calls"
-        return Completion(text=text, token_ids=out, finish_reason=finish, stats=stats, valid=valid, tool_calls=calls)
+        return Completion(text=text, token_ids=out, finish_reason=finish, stats=stats, valid=valid, tool_calls=calls,
+                          logprobs=logprobs)
+
+    def _logprob(self, logits: np.ndarray, token: int, n: int) -> dict:
+        """A sampled token's entry of completion.logprobs."""
+        lp, top = top_logprobs_of(logits, token, n)
+        name = self.tokenizer.id_to_token
+        return {"id": token, "token": name(token), "logprob": lp,
+                "top": [{"id": i, "token": name(i), "logprob": p} for i, p in top]}

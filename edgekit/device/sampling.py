@@ -1,7 +1,10 @@
 """Choosing the next token from a row of logits, in numpy.
 
-Follows transformers' logits processors so that the same settings give the same
-distribution: repetition penalty, then temperature, then top-k, then top-p.
+Follows transformers' logits processors (and OpenAI's penalties) so that the same settings
+give the same distribution, in this order:
+
+    repetition penalty ──► presence and frequency penalties ──► logit bias      (then greedy: argmax)
+    ──► temperature ──► top-k ──► top-p ──► min-p ──► draw
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ ALLOWED = {
     "repetition_penalty": f"a number from {REPETITION_PENALTY_RANGE[0]:g} to {REPETITION_PENALTY_RANGE[1]:g} "
                           "(1: none)",
     "seed": "an integer >= 0, or None",
+    "min_p": "a number in [0, 1] (0: no min-p filter)",
+    "presence_penalty": "a number from -2 to 2 (0: none)",
+    "frequency_penalty": "a number from -2 to 2 (0: none)",
+    "logit_bias": "a mapping of token ids (integers >= 0) to numbers from -100 to 100",
 }
 
 
@@ -40,6 +47,10 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 means no nucleus filter
     repetition_penalty: float = 1.0  # 1.0 means none
     seed: int | None = None
+    min_p: float = 0.0  # keep tokens at least min_p x the top token's probability; 0 means none
+    presence_penalty: float = 0.0  # OpenAI's: minus this from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often a token was generated
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100 bans, 100 forces)
 
     def __post_init__(self) -> None:
         t = _real("temperature", self.temperature)
@@ -54,6 +65,18 @@ class SamplingConfig:
             _refuse("repetition_penalty", self.repetition_penalty)
         if self.seed is not None and _integer("seed", self.seed) < 0:
             _refuse("seed", self.seed)
+        if not 0.0 <= _real("min_p", self.min_p) <= 1.0:
+            _refuse("min_p", self.min_p)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= _real(name, getattr(self, name)) <= 2.0:
+                _refuse(name, getattr(self, name))
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                _refuse("logit_bias", self.logit_bias)
+            for token, bias in self.logit_bias.items():
+                if isinstance(token, bool) or not isinstance(token, Integral) or token < 0 \
+                        or not -100.0 <= _real("logit_bias", bias) <= 100.0:
+                    _refuse("logit_bias", {token: bias})
 
 
 def _real(name: str, value) -> float:
@@ -94,10 +117,29 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return logits
 
 
-def distribution(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The candidate token ids and their probabilities after penalty, temperature, top-k and top-p."""
-    assert cfg.temperature > 0, "greedy decoding has no distribution"
+def adjust(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray, generated: np.ndarray) -> np.ndarray:
+    """The logits after the penalties and the bias: `seen` are the prompt's and the answer's ids
+    (repetition penalty), `generated` the answer's alone (presence and frequency, as OpenAI counts)."""
     logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), seen, cfg.repetition_penalty)
+    if (cfg.presence_penalty or cfg.frequency_penalty) and generated.size:
+        ids, counts = np.unique(generated, return_counts=True)
+        logits = logits.copy()
+        logits[ids] -= cfg.presence_penalty + cfg.frequency_penalty * counts
+    if cfg.logit_bias:
+        ids = np.fromiter(cfg.logit_bias, np.int64)
+        if ids.max() >= len(logits):
+            raise ValueError(f"logit_bias names token {int(ids.max())}; this model's vocabulary has {len(logits)}")
+        logits = logits.copy()
+        logits[ids] += np.fromiter(cfg.logit_bias.values(), np.float32)
+    return logits
+
+
+def distribution(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray,
+                 generated: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate token ids and their probabilities after the penalties, temperature, top-k,
+    top-p and min-p."""
+    assert cfg.temperature > 0, "greedy decoding has no distribution"
+    logits = adjust(logits, cfg, seen, np.empty(0, np.int64) if generated is None else generated)
     logits = logits / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = np.partition(logits, -cfg.top_k)[-cfg.top_k]
@@ -110,13 +152,32 @@ def distribution(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray) -> t
         cut = int(np.searchsorted(np.cumsum(probs), cfg.top_p)) + 1
         probs = probs[:cut] / probs[:cut].sum()
         order = order[:cut]
+    if cfg.min_p > 0.0:  # relative to the top token's probability (transformers' MinPLogitsWarper)
+        cut = int(np.searchsorted(-probs, -cfg.min_p * probs[0], side="right"))
+        probs = probs[:cut] / probs[:cut].sum()
+        order = order[:cut]
     keep = probs > 0
     return order[keep], probs[keep]
 
 
-def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator, seen: np.ndarray) -> int:
-    """Pick one token id from `logits` (vocab,) given the ids `seen` so far."""
+def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator, seen: np.ndarray,
+           generated: np.ndarray | None = None) -> int:
+    """Pick one token id from `logits` (vocab,) given the ids `seen` so far (the prompt's and the
+    answer's) and `generated` (the answer's alone)."""
+    generated = np.empty(0, np.int64) if generated is None else generated
     if cfg.temperature == 0.0:
-        return int(np.argmax(apply_repetition_penalty(logits, seen, cfg.repetition_penalty)))
-    ids, probs = distribution(logits, cfg, seen)
+        return int(np.argmax(adjust(logits, cfg, seen, generated)))
+    ids, probs = distribution(logits, cfg, seen, generated)
     return int(ids[rng.choice(len(probs), p=probs)])
+
+
+def top_logprobs(logits: np.ndarray, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of `token` and its `n` most likely tokens with theirs (before any
+    sampling setting: what the model itself thinks)."""
+    z = logits.astype(np.float64)
+    finite = np.isfinite(z)
+    top = z[finite].max()
+    logp = z - top - np.log(np.exp(z[finite] - top).sum())
+    best = np.argpartition(-logp, n)[:n] if 0 < n < len(logp) else np.arange(len(logp))[:n]
+    best = best[np.argsort(-logp[best], kind="stable")]
+    return float(logp[token]), [(int(i), float(logp[i])) for i in best]

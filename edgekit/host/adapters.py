@@ -32,7 +32,7 @@ import torch
 
 from edgekit.device.bundle import sha256_file
 from edgekit.errors import ExportError
-from edgekit.host.load import LoadedModel
+from edgekit.host.load import SHIPPED, LoadedModel
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -43,8 +43,6 @@ BAKEABLE = {"PREFIX_TUNING": "prefix tuning"}
 # sum_i weight_i * delta_i (peft's "svd" approximates it, "linear" adds cross terms).
 COMBINATION = "cat"
 COMBINED = "combined"
-# Name aliases of the shipped models: the Hugging Face repo an adapter was most likely trained from.
-SHIPPED_ALIASES = {"smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct",)}
 # Parameter names of adapter layers; what precedes them in a tensor name is the adapted module.
 _ADAPTER_PARTS = re.compile(r"^(lora_|hada_|lokr_|ia3_|oft_|boft_|token_adapter|modules_to_save|base_layer)")
 
@@ -165,8 +163,14 @@ def parse_spec(text: str) -> AdapterSpec:
     if m:
         name, rest = m.group(1), m.group(2)
     weight = 1.0
-    head, sep, tail = rest.rpartition(":")
-    if sep and not Path(rest).exists() and (head and Path(head).exists() or _looks_like_number(tail)):
+    # split at the last ':' whose left side is an existing folder; failing that, at the last ':' when a
+    # number follows it (the folder is then reported missing)
+    cuts = [i for i, c in enumerate(rest) if c == ":"]
+    at = next((i for i in reversed(cuts) if Path(rest[:i]).exists()), None) if not Path(rest).exists() else None
+    if at is None and cuts and not Path(rest).exists() and _looks_like_number(rest[cuts[-1] + 1:]):
+        at = cuts[-1]
+    head, sep, tail = (rest[:at], ":", rest[at + 1:]) if at is not None else (rest, "", "")
+    if sep:
         try:
             weight = float(tail)
         except ValueError:
@@ -376,7 +380,8 @@ def base_names(loaded: LoadedModel) -> list[str]:
     names = [src.spec, str(src.folder), getattr(loaded.model.config, "_name_or_path", "") or ""]
     if src.gguf_file:
         names.append(src.gguf_file)
-    names += SHIPPED_ALIASES.get(src.spec, ())
+    if src.spec in SHIPPED:  # the Hugging Face repo an adapter was most likely trained from
+        names.append(SHIPPED[src.spec].hub_id)
     return [n for n in names if n]
 
 

@@ -28,7 +28,7 @@ from edgekit.errors import ExportError
 from edgekit.host import chat_format, graph
 from edgekit.host.adapters import apply_adapters
 from edgekit.host.families import family_of
-from edgekit.host.load import LoadedModel, fp32_weights, load
+from edgekit.host.load import SHIPPED, LoadedModel, fp32_weights, load
 from edgekit.host.target_fit import (
     accuracy_level,
     check_target_fit,
@@ -191,20 +191,26 @@ def _write_prefix(folder: Path, arch, prefix: np.ndarray | None) -> dict | None:
 
 
 def generation_defaults(loaded: LoadedModel) -> dict:
-    """The model's own generation_config, as the runtime's defaults (greedy unless it samples)."""
+    """The model's own generation_config (generation_config.json), as the runtime's defaults: greedy
+    unless it samples. A shipped model's GGUF has none: its model card's settings stand in."""
     gc = loaded.model.generation_config
     eos = gc.eos_token_id if gc.eos_token_id is not None else loaded.tokenizer.eos_token_id
     eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
+    shipped = next((m for m in SHIPPED.values() if m.file == loaded.source.gguf_file), None)  # by name or by path
     sampling = bool(gc.do_sample)
-    return {
+    defaults = {
         "eos_token_ids": eos_ids,
         "bos_token_id": loaded.tokenizer.bos_token_id,
         "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
         "temperature": float(gc.temperature or 1.0) if sampling else 0.0,
         "top_k": int(gc.top_k or 0) if sampling else 0,
         "top_p": float(gc.top_p or 1.0) if sampling else 1.0,
+        "min_p": float(gc.min_p or 0.0) if sampling else 0.0,
         "repetition_penalty": float(gc.repetition_penalty or 1.0),
     }
+    if shipped is not None:
+        defaults.update(shipped.generation)
+    return defaults
 
 
 def flag(option: str) -> str:

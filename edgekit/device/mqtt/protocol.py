@@ -194,6 +194,19 @@ class Request:
     grammar: str | None = None
     tools: list | None = None  # OpenAI-shaped functions; the final then carries tool_calls
     tool_choice: str | dict | None = None  # auto (default with tools) | required | none | {"type": "function", ...}
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None  # {"token id": bias}, as OpenAI: keys are the ids as strings
+    top_logprobs: int | None = None  # the final then carries "logprobs"
+
+    def sampling(self) -> dict:
+        """The runtime's sampling arguments of this request (Model.stream)."""
+        bias = None if self.logit_bias is None else {int(k): float(v) for k, v in self.logit_bias.items()}
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+                "repetition_penalty": self.repetition_penalty, "seed": self.seed, "min_p": self.min_p,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "logit_bias": bias, "top_logprobs": self.top_logprobs}
 
     def constraint(self) -> dict:
         """The runtime's arguments for this request's constrained output (Model.stream)."""
@@ -240,9 +253,15 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "grammar": (str,),
     "tools": (list,),
     "tool_choice": (str, dict),
+    "min_p": _NUMBER,
+    "presence_penalty": _NUMBER,
+    "frequency_penalty": _NUMBER,
+    "logit_bias": (dict,),
+    "top_logprobs": (int,),
 }
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
-_SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+_SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "min_p", "presence_penalty",
+             "frequency_penalty")
 SEED_LIMIT = 2**63  # seeds are int64 on the wire, so clients in any language can send them
 
 
@@ -294,10 +313,19 @@ def request_from_dict(raw: dict) -> Request:
         raise ProtocolError(INVALID, f'"max_new_tokens" must be >= 1, got {show(raw["max_new_tokens"])}')
     if not 0 <= raw.get("seed", 0) < SEED_LIMIT:
         raise ProtocolError(INVALID, f'"seed" must be in [0, 2**63), got {show(raw["seed"])}')
+    bias = raw.get("logit_bias")
+    if bias is not None:
+        if not all(isinstance(k, str) and k.isdigit() and len(k) < 12 for k in bias):
+            raise ProtocolError(INVALID, '"logit_bias" keys must be token ids written as decimal strings, e.g. '
+                                         '{"1234": -100}')
+        bias = {int(k): _finite('"logit_bias"', v) if isinstance(v, _NUMBER) and not isinstance(v, bool) else v
+                for k, v in bias.items()}
     try:
-        SamplingConfig(**{k: raw[k] for k in _SAMPLING if k in raw})
+        SamplingConfig(**{k: raw[k] for k in _SAMPLING if k in raw}, logit_bias=bias)
     except ValueError as e:
         raise ProtocolError(INVALID, str(e)) from None
+    if not 0 <= raw.get("top_logprobs", 0) <= 20:
+        raise ProtocolError(INVALID, f'"top_logprobs" must be from 0 to 20, got {show(raw["top_logprobs"])}')
     for i, s in enumerate(raw.get("stop", [])):
         if not isinstance(s, str) or not s:
             raise ProtocolError(INVALID, f'"stop" must be a list of non-empty strings; [{i}] is '
@@ -423,7 +451,7 @@ def chunk(seq: int, text: str) -> bytes:
 
 
 def done(seq: int, text: str, finish_reason: str, device_id: str, usage: dict, timing: dict,
-         valid: bool | None = None, tool_calls: list | None = None) -> bytes:
+         valid: bool | None = None, tool_calls: list | None = None, logprobs: list | None = None) -> bytes:
     """The final message: the whole text, why it ended, token counts and timing figures; with
     constrained output, whether the text is complete and valid, and any tool calls.
 
@@ -435,6 +463,8 @@ def done(seq: int, text: str, finish_reason: str, device_id: str, usage: dict, t
         d["valid"] = valid
     if tool_calls is not None:
         d["tool_calls"] = tool_calls
+    if logprobs is not None:
+        d["logprobs"] = logprobs
     return _dump(d)
 
 

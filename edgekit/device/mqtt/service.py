@@ -483,9 +483,7 @@ class Service:
                                           self.limits.max_new_tokens)
         try:
             stream = self.model.stream(r.prompt if r.prompt is not None else r.messages, max_new_tokens=max_new,
-                                       temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                                       repetition_penalty=r.repetition_penalty, seed=r.seed, stop=r.stop,
-                                       **r.constraint())
+                                       stop=r.stop, **r.sampling(), **r.constraint())
         except ContextLengthError as e:
             return self._finish_error(key, proto.LIMIT, str(e))
         except ConstraintError as e:
@@ -515,16 +513,16 @@ class Service:
         """Send the final message; no completion means the request was cancelled before it started."""
         end = time.time()
         timing = {"queue_s": round(started - job.received, 4), "total_s": round(end - started, 4)}
-        text, reason, usage, valid, calls = "", "cancelled", {}, None, None
+        text, reason, usage, valid, calls, logprobs = "", "cancelled", {}, None, None, None
         if completion is not None:
-            valid, calls = completion.valid, completion.tool_calls
+            valid, calls, logprobs = completion.valid, completion.tool_calls, completion.logprobs
             s = completion.stats
             text, reason = completion.text, completion.finish_reason
             usage = {"prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens,
                      "completion_tokens": len(completion.token_ids)}
             timing.update(ttft_s=round(s.time_to_first_token_s, 4), prefill_s=round(s.prefill_s, 4),
                           decode_tokens_per_s=round(s.decode_tokens_per_s, 1))
-        final = proto.done(chunks, text, reason, self.device_id, usage, timing, valid, calls)
+        final = proto.done(chunks, text, reason, self.device_id, usage, timing, valid, calls, logprobs)
         self.counts["served"] += 1
         self._send_final(job.key, final, lambda: self.journal.finish(*job.key, final))
 
