@@ -14,14 +14,11 @@ import logging
 import sys
 
 import edgekit
+from edgekit.errors import EdgekitError, UserError
 
 # Modules that add their own subcommands with register(subparsers).
 COMMAND_MODULES: list[str] = ["edgekit.device.bench_cli", "edgekit.device.eval_cli", "edgekit.device.mqtt_cli",
                               "edgekit.device.targets_cli"]
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,18 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # user-facing errors are one line (with -v, the traceback); bugs keep their traceback
-        if _is_user_error(e) and not args.verbose:
+        if isinstance(e, EdgekitError) and not args.verbose:
             print(f"edgekit {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise
-
-
-def _is_user_error(e: Exception) -> bool:
-    """Errors about the user's input: EdgekitError (bundles, exports), ValueError (settings, prompts,
-    profiles), OSError (paths). Anything else is a bug and keeps its traceback."""
-    from edgekit.errors import EdgekitError
-
-    return isinstance(e, (UserError, EdgekitError, ValueError, OSError))
 
 
 # -- export ------------------------------------------------------------------------
@@ -308,8 +297,4 @@ def _run_info(args) -> int:
 
 
 if __name__ == "__main__":
-    # run the imported module's main, not this __main__ copy: subcommand modules raise
-    # edgekit.cli.UserError, which is another class than __main__.UserError
-    from edgekit.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

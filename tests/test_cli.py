@@ -118,3 +118,21 @@ def test_a_prompt_that_is_not_valid_text_is_one_line(tiny_bundle):
     r = subprocess.run([sys.executable, "-m", "edgekit.cli", "generate", str(tiny_bundle), "caf\udce9"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("argv, says", [
+    # a folder where a file is read, a file where a folder is written: what root (CI) cannot be denied
+    (["export", "{bundle}", "--out", "{file}/b"], "--out {file}/b: cannot create its folder"),
+    (["eval", "perplexity", "{bundle}", "--text", "{dir}"], "--text {dir}: no such file"),
+    (["bench", "{bundle}", "-n", "2", "-r", "1", "--no-plot", "--report", "{file}"], "--report {file}: cannot write"),
+    (["bench", "--compare", "{dir}", "{dir}"], "{dir}: cannot read it"),
+    (["serve", "{bundle}", "--device-id", "d", "--username", "u", "--password-file", "{dir}"], "--password-file {dir}: cannot read it"),
+    (["info", "{broken}"], "{broken}: not a bundle (edgekit.json is missing)"),
+])
+def test_a_path_edgekit_cannot_read_or_write_is_one_line(argv, says, tiny_bundle, tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "broken" / MANIFEST).mkdir(parents=True)
+    paths = {"bundle": tiny_bundle, "file": tmp_path / "file", "dir": tmp_path / "dir", "broken": tmp_path / "broken"}
+    r = edgekit(*(a.format(**paths) for a in argv))
+    assert_one_line_error(r, says.format(**paths))

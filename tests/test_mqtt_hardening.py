@@ -463,5 +463,5 @@ def test_the_client_says_whether_a_silent_device_is_online(broker, serve):
             client.ask("hi")
         assert e.value.code == "timeout" and "no device of the fleet is online" in e.value.message
     serve(broker.config())
-    with Client(broker.config()) as client:
-        assert client.device_state("arm-01") == "online" and client.online_devices() == ["arm-01"]
+    with Client(broker.config()) as client:  # the service's online status may still be on its way
+        assert client.wait_for_state("arm-01", timeout=10) == "online" and client.online_devices() == ["arm-01"]

@@ -356,8 +356,8 @@ def test_serve_takes_a_limit_or_period_only_when_it_is_positive_and_finite(flag,
        stop=st.lists(any_text, max_size=2))
 def test_ask_refuses_a_mistake_in_one_line_before_connecting_or_sends_what_the_device_takes(
         message, raw, temperature, seed, max_new_tokens, stop):
-    from edgekit.cli import UserError
     from edgekit.device.mqtt_cli import _ask_request
+    from edgekit.errors import UserError
 
     argv = ["ask", "--raw"] if raw else ["ask"]
     for flag, value in (("--temperature", temperature), ("--seed", seed), ("--max-new-tokens", max_new_tokens)):

@@ -41,6 +41,7 @@ import edgekit
 from edgekit.device import sysinfo
 from edgekit.device.generate import ContextLengthError, Model
 from edgekit.device.sampling import SamplingConfig, sample
+from edgekit.errors import InputError
 
 REPORT_FORMAT = 1
 
@@ -61,7 +62,7 @@ PROMPT_TEXT = (
 )
 
 
-class BenchError(ValueError):
+class BenchError(InputError):
     """Benchmark settings that cannot work (the CLI prints it as one line)."""
 
 
@@ -452,12 +453,15 @@ def format_csv(report: dict) -> str:
 def write_report(report: dict, folder: str | Path) -> Path:
     """Write the report as `bench-<bundle>-<UTC time>.json` in `folder` (created); returns the path."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     stamp = report["created"].replace(":", "").replace("-", "").replace("+0000", "")[:15]
     name = report["bundle"]["name"] if report.get("bundle") else "bundle"
     kind = "-ops" if report.get("kind") == "profile" else ""
     path = folder / f"bench-{name}{kind}-{stamp}.json"
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+    except OSError as e:
+        raise BenchError(f"--report {folder}: cannot write the report there ({e.strerror})") from None
     return path
 
 
@@ -467,6 +471,8 @@ def read_report(path: str | Path) -> dict:
         report = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise BenchError(f"{path}: no such report file") from None
+    except OSError as e:
+        raise BenchError(f"{path}: cannot read it ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BenchError(f"{path}: not a JSON report ({e})") from None
     if not isinstance(report, dict) or report.get("kind") != "bench" or "results" not in report:

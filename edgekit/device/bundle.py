@@ -184,6 +184,8 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
         raise BundleError(f"{folder}: not a bundle ({MANIFEST} is missing); make one with `edgekit export`")
     try:
         raw = json.loads(path.read_text())
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read it ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise BundleError(f"{path}: manifest is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(raw, dict):
@@ -212,7 +214,11 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
         p = folder / name
         if not p.is_file():
             raise BundleError(f"{folder}: file {name} is missing (listed in {MANIFEST})")
-        if sha256_file(p) != digest:
+        try:
+            actual = sha256_file(p)
+        except OSError as e:
+            raise BundleError(f"{folder}: cannot read {name} ({e.strerror})") from None
+        if actual != digest:
             raise BundleError(
                 f"{folder}: file {name} does not match its sha256 in {MANIFEST}; "
                 "the bundle was altered or damaged in transfer, copy it again"

@@ -16,10 +16,12 @@ import json
 from collections.abc import Sequence
 from datetime import datetime
 
+from edgekit.errors import InputError
+
 ROLES_WITHOUT_CONTENT = ("assistant",)  # an assistant turn may carry tool_calls and no text
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(InputError):
     """A conversation that this bundle's chat template cannot render."""
 
 

@@ -19,10 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.errors import InputError
+
 MAX_GRAMMAR_BYTES = 1 << 20  # a schema or grammar larger than this is refused before compiling
 
 
-class ConstraintError(ValueError):
+class ConstraintError(InputError):
     """A schema, regex or grammar that cannot constrain generation; said before any generation."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgekit.device.perplexity import DEFAULT_WINDOW, EvalTextError, perplexity, read_eval_text
+from edgekit.errors import UserError
 
 
 def register(sub) -> None:
@@ -53,7 +54,6 @@ def _window(args, bundles: list[str]) -> int:
 
 
 def _measure(bundle: str, text: str, window: int, args):
-    from edgekit.cli import UserError
     from edgekit.device import Model
 
     try:
@@ -63,7 +63,6 @@ def _measure(bundle: str, text: str, window: int, args):
 
 
 def _read(path: str) -> str:
-    from edgekit.cli import UserError
 
     try:
         return read_eval_text(path)

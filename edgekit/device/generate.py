@@ -27,12 +27,13 @@ from tokenizers import Tokenizer
 
 from edgekit.device import chat as chat_format
 from edgekit.device import kv_cache
-from edgekit.device.bundle import BundleError, Manifest, bundle_hash, check_graph, read_manifest
 from edgekit.device import tools as tool_calls
+from edgekit.device.bundle import BundleError, Manifest, bundle_hash, check_graph, read_manifest
 from edgekit.device.constrain import Constraint, ConstraintError, Spec, compile_grammar
 from edgekit.device.sampling import SamplingConfig, sample
 from edgekit.device.sampling import top_logprobs as top_logprobs_of
 from edgekit.device.session import create_session
+from edgekit.errors import InputError
 
 
 def _valid_text(text: str) -> str:
@@ -41,7 +42,7 @@ def _valid_text(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"the prompt is not valid text: character {e.start} is a lone surrogate "
+        raise InputError(f"the prompt is not valid text: character {e.start} is a lone surrogate "
                          f"{text[e.start]!r}; pass UTF-8 text") from None
     return text
 
@@ -73,7 +74,7 @@ class Detokenizer:
         return self.text
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(InputError):
     """The prompt does not fit in the bundle's context length."""
 
 
@@ -167,9 +168,9 @@ class Model:
         profile_prefix: str | Path | None = None,
     ):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
-            raise ValueError(f"threads must be a whole number >= 0 (0: onnxruntime's choice), got {threads!r}")
+            raise InputError(f"threads must be a whole number >= 0 (0: onnxruntime's choice), got {threads!r}")
         if context_length is not None and (not isinstance(context_length, int) or context_length < 2):
-            raise ValueError(f"context_length must be a whole number >= 2, got {context_length!r}")
+            raise InputError(f"context_length must be a whole number >= 2, got {context_length!r}")
         self.path = Path(bundle)
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
         self.bundle_hash = bundle_hash(self.manifest)
@@ -212,7 +213,7 @@ class Model:
             return 0
         length = int(prefix["length"])
         if length >= self.context_length:
-            raise ValueError(f"the bundle's {length}-token prefix leaves no room in context length {self.context_length}")
+            raise InputError(f"the bundle's {length}-token prefix leaves no room in context length {self.context_length}")
         try:
             with np.load(self.path / prefix["file"]) as kv:
                 for name, buf in self._kv.buffers.items():
@@ -245,7 +246,7 @@ class Model:
         Returns the last position's logits (vocab,) and how many tokens came from the cache.
         """
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise InputError("the prompt is empty")
         self._check_fits(len(ids))
         reuse = 0
         limit = min(len(self._cached_ids), len(ids) - 1)  # feed at least one token to get logits
@@ -359,10 +360,10 @@ class Model:
             k: v if v is not None else gen[k] for k, v in given.items() if v is not None or k in gen})
         if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int)
                                          or not 0 <= top_logprobs <= 20):
-            raise ValueError(f"top_logprobs must be an integer from 0 to 20, got {top_logprobs!r}")
+            raise InputError(f"top_logprobs must be an integer from 0 to 20, got {top_logprobs!r}")
         max_new = gen.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens
         if max_new < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new}")
         constraint = None if spec is None else Constraint(self.guide_tokenizer, compile_grammar(
             spec, self.guide_tokenizer), self.manifest.architecture.vocab_size)
         stats = Stats()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edgekit.errors import UserError
+
 
 def register(sub) -> None:
     """Add the `serve` and `ask` subcommands to the `edgekit` parser's subparsers."""
@@ -93,7 +95,6 @@ def _add_broker_args(p: argparse.ArgumentParser) -> None:
 
 
 def _broker_config(args):
-    from edgekit.cli import UserError
     from edgekit.device.mqtt.connection import BrokerConfig, read_password_file
 
     if args.password_file and not args.username:
@@ -109,7 +110,6 @@ def _broker_config(args):
 
 
 def _run_serve(args) -> int:
-    from edgekit.cli import UserError
     from edgekit.device import Model
     from edgekit.device.mqtt.journal import JournalError
     from edgekit.device.mqtt.service import Limits, Service, ServiceConfig
@@ -133,7 +133,6 @@ def _run_serve(args) -> int:
 
 
 def _run_ask(args) -> int:
-    from edgekit.cli import UserError
     from edgekit.device.mqtt import protocol as proto
     from edgekit.device.mqtt.client import Client, RequestError
 
@@ -173,7 +172,6 @@ def _run_ask(args) -> int:
 def _ask_request(args) -> tuple[str | list[dict], dict]:
     """The prompt and the request settings `edgekit ask` sends; ValueError (one line) for a mistake in them,
     by the device's own validation, before connecting (a lone surrogate from invalid UTF-8 in argv included)."""
-    from edgekit.cli import UserError
     from edgekit.device.mqtt import protocol as proto
 
     if args.raw and args.system:

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.device.generate import Model
+from edgekit.errors import InputError
 
 DEFAULT_WINDOW = 512
 
 
-class EvalTextError(ValueError):
+class EvalTextError(InputError):
     """The evaluation text cannot be used (missing, or too short)."""
 
 
@@ -45,7 +46,10 @@ def read_eval_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise EvalTextError(f"--text {path}: no such file")
-    return path.read_text(encoding="utf-8", errors="replace")
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise EvalTextError(f"--text {path}: cannot read it ({e.strerror})") from None
 
 
 def windows_of(ids: list[int], window: int, max_tokens: int | None = None) -> list[list[int]]:

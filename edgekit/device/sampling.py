@@ -15,6 +15,8 @@ from typing import NoReturn
 
 import numpy as np
 
+from edgekit.errors import InputError
+
 # The accepted values of each setting, in one place: the CLI, the Python API and MQTT requests all
 # meet them here. Logits are float32: a temperature or a penalty far from 1 scales them past
 # float32's range (inf - inf gives NaN probabilities), so both stay within a factor of 100 of 1.
@@ -96,7 +98,7 @@ def _integer(name: str, value) -> int:
 
 
 def _refuse(name: str, value) -> NoReturn:
-    raise ValueError(f"{name} must be {ALLOWED[name]}, got {_show(value)}")
+    raise InputError(f"{name} must be {ALLOWED[name]}, got {_show(value)}")
 
 
 def _show(value) -> str:
@@ -128,7 +130,7 @@ def adjust(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray, generated:
     if cfg.logit_bias:
         ids = np.fromiter(cfg.logit_bias, np.int64)
         if ids.max() >= len(logits):
-            raise ValueError(f"logit_bias names token {int(ids.max())}; this model's vocabulary has {len(logits)}")
+            raise InputError(f"logit_bias names token {int(ids.max())}; this model's vocabulary has {len(logits)}")
         logits = logits.copy()
         logits[ids] += np.fromiter(cfg.logit_bias.values(), np.float32)
     return logits

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from edgekit.errors import InputError
+
 FLAVOURS = ("fused", "portable")
 QUANT_METHODS = ("none", "rtn", "gptq", "awq", "smoothquant")
 KNOWN_PROVIDERS = (
@@ -37,7 +39,7 @@ KNOWN_PROVIDERS = (
 ARCHS = ("aarch64", "x86_64", "armv7l", "riscv64")
 
 
-class TargetError(ValueError):
+class TargetError(InputError):
     """A device profile that is missing or malformed."""
 
 
@@ -184,6 +186,8 @@ def load_target(spec: str | Path) -> Target:
         path = known[spec]
     try:
         raw = json.loads(path.read_text())
+    except OSError as e:
+        raise TargetError(f"{path}: cannot read it ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise TargetError(f"{path}: not valid JSON ({e})") from None
     target = parse_target(raw, str(path))

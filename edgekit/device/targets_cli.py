@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from edgekit.errors import UserError
+
 
 def register(sub) -> None:
     p = sub.add_parser("targets", help="list the device profiles (targets/)",
@@ -50,7 +52,6 @@ def _run_targets(args) -> int:
 
 
 def _run_check(args) -> int:
-    from edgekit.cli import UserError
     from edgekit.device import check
     from edgekit.device.bundle import read_manifest
     from edgekit.device.targets import load_target

@@ -216,6 +216,8 @@ def read_adapter(spec: AdapterSpec) -> Adapter:
                           "save the adapter with peft_model.save_pretrained(folder)")
     try:
         config = json.loads(config_path.read_text())
+    except OSError as e:
+        raise ExportError(f"{where}: cannot read {CONFIG_FILE} ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ExportError(f"{where}: {CONFIG_FILE} is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(config, dict):

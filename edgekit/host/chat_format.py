@@ -65,6 +65,8 @@ def template_text(spec: str) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ExportError(f"--chat-template {spec}: not a UTF-8 text file") from None
+    except OSError as e:
+        raise ExportError(f"--chat-template {spec}: cannot read it ({e.strerror})") from None
 
 
 def derive(tokenizer) -> dict | None:

@@ -124,7 +124,10 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
 
     t = time.perf_counter()
     say(f"[3/3] writing the bundle to {out}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write there ({e.strerror})") from None
     try:
         write_bundle(tmp, loaded, arch, model_proto, options, flavour, quantization=quant_record,
                      adapters=adapter_records, prefix=prefix)
@@ -233,7 +236,10 @@ def _check_no_quant_flags(options: ExportOptions) -> None:
 def _check_out(out: Path) -> None:
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).exists())):
         raise ExportError(f"{out} exists and is not a bundle; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot create its folder ({e.strerror})") from None
 
 
 def _apply_umask(folder: Path) -> None:

@@ -48,8 +48,12 @@ def read_examples(path: str | Path) -> list[list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"--data {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"--data {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -131,6 +135,7 @@ def finetune(source: str | Path, data: str | Path, out: str | Path, options: Fin
         say(f"step {step + 1}/{o.steps} loss {loss.item():.4f} ({time.perf_counter() - t:.2f}s)")
     model.eval()
     out = Path(out)
-    model.save_pretrained(out)
+    # save_embedding_layers=False: the embeddings are not trained, and "auto" asks the hub about the base
+    model.save_pretrained(out, save_embedding_layers=False)
     say(f"adapter saved to {out}: edgekit export {source} --adapter {out} --out BUNDLE")
     return out

