@@ -250,14 +250,14 @@ def make_artifacts(work: Path, wanted: list[str], bundle: str | None) -> tuple[d
 
     if need("edgekit-fp32"):
         out = Path(bundle) if bundle else work / "edgekit-fp32"
-        if out.exists() or not (err := run_quiet([py, "-m", "edgekit.cli", "export", "smollm2-135m", "--out", out],
+        if out.exists() or not (err := run_quiet([py, "-m", "edgekit", "export", "smollm2-135m", "--out", out],
                                                  "edgekit fp32 bundle")):
             paths["edgekit-fp32"] = str(out)
         else:
             missing["edgekit-fp32"] = err
     if need("edgekit-int4"):
         out = work / "edgekit-int4"
-        if out.exists() or not (err := run_quiet([py, "-m", "edgekit.cli", "export", "smollm2-135m", "--out", out,
+        if out.exists() or not (err := run_quiet([py, "-m", "edgekit", "export", "smollm2-135m", "--out", out,
                                                   "--quant", "rtn", "--bits", "4"], "edgekit int4 bundle")):
             paths["edgekit-int4"] = str(out)
         else:

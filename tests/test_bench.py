@@ -23,7 +23,7 @@ from edgekit.device.op_profile import profile_ops
 
 
 def edgekit(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgekit.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "edgekit", *map(str, args)],
                           capture_output=True, text=True, timeout=300)
 
 

@@ -12,7 +12,7 @@ from edgekit.device.bundle import MANIFEST
 
 
 def edgekit(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgekit.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "edgekit", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -115,7 +115,7 @@ def test_a_hub_id_says_that_edgekit_never_downloads(tmp_path):
 
 def test_a_prompt_that_is_not_valid_text_is_one_line(tiny_bundle):
     # what Python makes of invalid UTF-8 bytes in argv: lone surrogates
-    r = subprocess.run([sys.executable, "-m", "edgekit.cli", "generate", str(tiny_bundle), "caf\udce9"],
+    r = subprocess.run([sys.executable, "-m", "edgekit", "generate", str(tiny_bundle), "caf\udce9"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
 

@@ -232,7 +232,7 @@ def test_a_configured_reply_prefix_is_the_only_place_replies_go(broker, serve):
 
 def serve_process(bundle, broker: Broker, journal: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "edgekit.cli", "serve", str(bundle), "--broker", broker.url, "--device-id", "arm-01",
+        [sys.executable, "-m", "edgekit", "serve", str(bundle), "--broker", broker.url, "--device-id", "arm-01",
          "--journal", str(journal), "--heartbeat", "1", "--threads", "1", *extra],
         env=service_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -421,7 +421,7 @@ def test_malformed_cancels_are_one_log_line_each_and_the_service_keeps_serving(b
 
 
 def ask(broker: Broker, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgekit.cli", "ask", "--broker", broker.url, *args],
+    return subprocess.run([sys.executable, "-m", "edgekit", "ask", "--broker", broker.url, *args],
                           env=service_env(), capture_output=True, text=True, timeout=120, check=False)
 
 

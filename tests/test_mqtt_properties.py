@@ -326,7 +326,7 @@ def test_a_setting_is_a_positive_finite_number_or_refused_in_one_line(value, int
 
 
 def cli_parser() -> argparse.ArgumentParser:
-    from edgekit.device import mqtt_cli
+    from edgekit.cli import mqtt as mqtt_cli
 
     parser = argparse.ArgumentParser(prog="edgekit", exit_on_error=False)
     mqtt_cli.register(parser.add_subparsers(dest="command"))
@@ -356,7 +356,7 @@ def test_serve_takes_a_limit_or_period_only_when_it_is_positive_and_finite(flag,
        stop=st.lists(any_text, max_size=2))
 def test_ask_refuses_a_mistake_in_one_line_before_connecting_or_sends_what_the_device_takes(
         message, raw, temperature, seed, max_new_tokens, stop):
-    from edgekit.device.mqtt_cli import _ask_request
+    from edgekit.cli.mqtt import _ask_request
     from edgekit.errors import UserError
 
     argv = ["ask", "--raw"] if raw else ["ask"]

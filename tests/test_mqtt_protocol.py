@@ -218,7 +218,7 @@ def test_the_mqtt_service_and_client_import_without_torch():
     from test_device_without_torch import run_blocked
 
     r = run_blocked("""
-        import edgekit.device.mqtt, edgekit.device.mqtt_cli
+        import edgekit.cli.mqtt, edgekit.device.mqtt
         assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
         print("ok")
     """)

@@ -309,7 +309,7 @@ def _unsent_after(path: Path, timeout: float) -> list:
 
 def _serve_process(bundle, broker: Broker, journal, device_id="arm-01") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "edgekit.cli", "serve", str(bundle), "--broker", broker.url, "--device-id", device_id,
+        [sys.executable, "-m", "edgekit", "serve", str(bundle), "--broker", broker.url, "--device-id", device_id,
          "--journal", str(journal), "--heartbeat", "1", "--threads", "1", "--queue-limit", "256"],
         env=service_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

@@ -79,7 +79,7 @@ def test_a_prompt_with_a_lone_surrogate_is_refused_in_one_line_before_tokenizing
 
 
 def _generate(bundle, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgekit.cli", "generate", str(bundle), *args],
+    return subprocess.run([sys.executable, "-m", "edgekit", "generate", str(bundle), *args],
                           capture_output=True, timeout=120, check=False)
 
 

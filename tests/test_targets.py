@@ -162,6 +162,17 @@ def test_check_command_says_whether_it_fits(multi_target, capsys):
     assert "fits with context length" in capsys.readouterr().out
 
 
+def test_the_verdict_is_data_a_device_program_can_read(multi_target):
+    verdict = check.check_bundle(multi_target / "rpi4")
+    assert verdict.runs and verdict.fits and verdict.target["name"] == "rpi4" and not verdict.operators.unsupported
+    assert verdict.lines()[-1] == "verdict  will run on rpi4"
+    tiny = check.check_bundle(multi_target / "rpi4", ram_gb=0.1, fit_context=True)  # less than the OS keeps
+    assert not tiny.fits and tiny.fitting_context is None and not tiny.runs
+    assert "does not fit at any context length" in "\n".join(tiny.lines())
+    elsewhere = check.check_bundle(multi_target / "rpi4", target="jetson-orin-nano")
+    assert elsewhere.target["name"] == "jetson-orin-nano" and "built for rpi4" in elsewhere.notes[0]
+
+
 def test_export_refuses_a_bundle_that_does_not_fit_or_shrinks_its_context(tiny_bundle, tiny_folder, tmp_path,
                                                                           monkeypatch):
     # a device whose memory holds the runtime, the weights and 64 tokens of context, not all 256

@@ -25,7 +25,7 @@ trap 'rm -rf "$WORK"' EXIT
 
 [ -e "$ROOT/usr/bin/python3" ] || { echo "no arm64 environment at $ROOT: run $HERE/setup_arm64.sh" >&2; exit 1; }
 if [ ! -e "$BUNDLE/edgekit.json" ]; then
-    (cd "$REPO" && python3 -m edgekit.cli export smollm2-135m --target "$TARGET" --out "$BUNDLE")
+    (cd "$REPO" && python3 -m edgekit export smollm2-135m --target "$TARGET" --out "$BUNDLE")
 fi
 
 echo "x86-64 (native):" >&2

@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from edgekit.device.bundle import Architecture
+from edgekit.device.bundle import Architecture, read_manifest
+from edgekit.device.targets import TargetError, load_target
+from edgekit.errors import InputError
 
 log = logging.getLogger("edgekit")
 
@@ -237,8 +240,115 @@ def largest_context(arch: Architecture, weight_bytes: int, flavour: str, budget_
     return best
 
 
-def bundle_weight_bytes(folder) -> int:
+def bundle_weight_bytes(folder: str | Path) -> int:
     """The bytes a bundle's graph and weights take on disk (model.onnx and its external data)."""
-    from pathlib import Path
-
     return sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.startswith("model.onnx"))
+
+
+# -- the verdict ----------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    """Will a bundle run on a target: the operator and memory checks as data; `edgekit check` prints lines()."""
+
+    bundle: str
+    summary: str  # the bundle in one line: graph flavour, quantization, the target it was built for
+    target: dict  # the profile checked against (its manifest dict)
+    notes: list[str]  # differences between the bundle's own target and this one worth knowing
+    operators: OperatorReport | None  # None: the bundle does not record its operators (and onnx is absent)
+    memory: MemoryEstimate
+    available_mb: float
+    ram_gb: float
+    fit_context: bool = False  # asked for the largest context length that fits, when the bundle's does not
+    fitting_context: int | None = None  # that length (None: none fits, or not asked)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total_mb <= self.available_mb
+
+    @property
+    def runs(self) -> bool:
+        """Every operator has a provider, and the bundle fits at its context length or at the fitted one."""
+        operators_ok = self.operators is None or not self.operators.unsupported
+        return operators_ok and (self.fits or self.fitting_context is not None)
+
+    def lines(self) -> list[str]:
+        t = self.target
+        out = [f"bundle   {self.bundle}: {self.summary}", f"target   {t['name']}: {t['description']}"]
+        out += [f"  note: {n}" for n in self.notes]
+        if self.operators is None:
+            out.append("operators: not recorded in this bundle's manifest (exported before edgekit recorded them); "
+                       "skipped")
+        else:
+            out += self.operators.lines()
+            out += [f"  {p}: table from {SOURCES.get(p, 'unknown')}"
+                    for p in dict.fromkeys(self.operators.placement.values())]
+        out.append(f"memory   {self.memory.describe()}")
+        out.append(f"         available: {self.available_mb:.0f} MB ({self.ram_gb:g} GB RAM - "
+                   f"{t.get('os_reserved_gb', 0.5):g} GB for the OS)")
+        if not self.fits and self.fitting_context is not None:
+            n = self.fitting_context
+            out.append(f"fits with context length {n}: run with Model(bundle, context_length={n}), "
+                       f"or re-export with --context-length {n}")
+        elif not self.fits and self.fit_context:
+            out.append("does not fit at any context length: the weights alone exceed the memory; "
+                       "quantize to fewer bits")
+        elif not self.fits:
+            out.append(f"does not fit: about {self.memory.total_mb:.0f} MB needed, {self.available_mb:.0f} MB "
+                       "available; pass --fit-context for the largest context length that fits")
+        out.append(f"verdict  {'will run' if self.runs else 'will NOT run'} on {t['name']}")
+        return out
+
+
+def check_bundle(bundle: str | Path, target: str | None = None, ram_gb: float | None = None,
+                 context_length: int | None = None, prompt_tokens: int | None = None,
+                 fit_context: bool = False) -> Verdict:
+    """Check `bundle` against `target` (a profile name or .json file; default: the one it was built
+    for): its operators on the target's execution providers, its peak memory at `context_length`
+    (default: the bundle's) against the target's RAM (or `ram_gb`). TargetError when there is no
+    target to check against; InputError for a context length beyond the bundle's."""
+    m = read_manifest(bundle)
+    built_for = m.target.get("name")
+    if not (target or built_for):
+        raise TargetError(f"{bundle} records no target; pass --target (see `edgekit targets`)")
+    profile = load_target(target or built_for).manifest_dict()
+    arch = m.architecture
+    flavour = m.graph.get("flavour", "fused")
+    ctx = context_length or arch.context_length
+    if ctx > arch.context_length:
+        raise InputError(f"--context-length {ctx} is longer than the bundle's {arch.context_length}")
+    notes = []
+    if built_for != profile["name"]:
+        notes.append(f"the bundle was built for {built_for}; it keeps that target's settings (threads, "
+                     f"MatMulNBits accuracy level). Re-export with --target {profile['name']} to get this one's.")
+    if m.target.get("arch") and m.target["arch"] != profile["cpu"]["arch"]:
+        notes.append(f"built for {m.target['arch']}, checking on {profile['cpu']['arch']}: bundles are "
+                     "architecture-independent, the runtime's wheel is not")
+    ops = m.graph.get("operators") or _operators_from_model(bundle)
+    weights = bundle_weight_bytes(bundle)
+    quantized = m.quantization.get("method", "none") != "none"
+    level = m.target.get("matmulnbits_accuracy_level", 4)  # what the bundle's graph was built with
+    budget = available_mb(profile, ram_gb)
+    verdict = Verdict(
+        bundle=str(bundle),
+        summary=f"{arch.model_type}, {flavour} graph, quantization {m.quantization.get('method')}, "
+                f"built for {built_for}",
+        target=profile, notes=notes,
+        operators=None if ops is None else check_operators(ops, profile["execution_providers"]),
+        memory=estimate_memory(arch, weights, flavour, ctx, prompt_tokens, quantized, level),
+        available_mb=budget, ram_gb=ram_gb if ram_gb is not None else profile["ram_gb"], fit_context=fit_context)
+    if fit_context and not verdict.fits:
+        verdict.fitting_context = largest_context(arch, weights, flavour, budget, quantized, level)
+    return verdict
+
+
+def _operators_from_model(bundle: str | Path) -> list[str] | None:
+    """The operators of an older bundle whose manifest does not list them, when the onnx
+    package is installed (on a host); None otherwise."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model = onnx.load(str(Path(bundle) / "model.onnx"), load_external_data=False)
+    return sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in model.graph.node})

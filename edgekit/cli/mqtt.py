@@ -102,16 +102,12 @@ def _broker_config(args):
     password = read_password_file(args.password_file) if args.password_file else None
     config = BrokerConfig(url=args.broker, username=args.username, password=password, cafile=args.cafile,
                           certfile=args.certfile, keyfile=args.keyfile)
-    try:
-        config.address()
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    config.address()  # a malformed URL: InputError, before anything connects
     return config
 
 
 def _run_serve(args) -> int:
     from edgekit.device import Model
-    from edgekit.device.mqtt.journal import JournalError
     from edgekit.device.mqtt.service import Limits, Service, ServiceConfig
 
     broker = _broker_config(args)
@@ -122,10 +118,7 @@ def _run_serve(args) -> int:
                            limits=limits, heartbeat_s=args.heartbeat, session_expiry_s=args.session_expiry,
                            reply_prefix=args.reply_prefix, reset_journal=args.reset_journal)
     model = Model(args.bundle, threads=args.threads)
-    try:
-        service = Service(model, broker, config)
-    except (ValueError, JournalError) as e:  # a damaged journal included: one line naming it, what to do
-        raise UserError(str(e)) from None
+    service = Service(model, broker, config)  # a damaged journal: JournalError, one line naming it, what to do
     print(f"edgekit serve: {args.device_id} serving {args.bundle} ({model.bundle_hash}) via {args.broker}",
           file=sys.stderr, flush=True)
     service.run_forever()
