@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from edgekit.cli import main as cli
 from edgekit.device import Model
-from edgekit.device.bundle import read_manifest, sha256_file
+from edgekit.device.bundle import Prefix, read_manifest, sha256_file
 from edgekit.host import ExportError, ExportOptions, export
 
 ATOL = 1e-4
@@ -266,7 +266,7 @@ def test_gptq_quantizes_the_merged_weights(base, base_bundle, lora_a, ids_steps,
     worst, base_diff = check_against(bundle, PeftModel.from_pretrained(fresh(base), lora_a).eval(),
                                      base_bundle, ids_steps)
     assert worst < 0.05 * base_diff, f"int8 bundle vs peft {worst:.2e}, base vs peft {base_diff:.2e}"
-    assert read_manifest(bundle).quantization["method"] == "gptq"
+    assert read_manifest(bundle).quantization.method == "gptq"
 
 
 # -- prefix tuning ------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def test_prefix_tuning_is_baked_into_the_cache_and_matches_a_reference_without_p
     bundle = export(base, tmp_path / "prefixed", ExportOptions(adapters=[f"p={adapter}"]), **QUIET)
 
     manifest = read_manifest(bundle)
-    assert manifest.prefix == {"file": "prefix_kv.npz", "length": 6}
+    assert manifest.prefix == Prefix(file="prefix_kv.npz", length=6)
     assert "prefix_kv.npz" in manifest.files and manifest.adapters[0]["applied"] == "prefix"
 
     ids, steps = ids_steps

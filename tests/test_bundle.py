@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from edgekit.device import BundleError, Model, read_manifest
-from edgekit.device.bundle import FORMAT_VERSION, MANIFEST
+from edgekit.device.bundle import FORMAT_VERSION, MANIFEST, Manifest
 
 
 def test_bundle_holds_the_files_the_design_names(tiny_bundle):
@@ -19,10 +19,10 @@ def test_bundle_holds_the_files_the_design_names(tiny_bundle):
     a = m.architecture
     assert (a.model_type, a.num_layers, a.num_heads, a.num_kv_heads, a.head_size) == ("llama", 2, 4, 2, 16)
     assert a.vocab_size == 49152 and a.context_length == 256
-    assert m.quantization["method"] == "none"
-    assert m.graph["flavour"] == "fused" and m.graph["opset"] == 21
-    assert m.target["name"] == "x86-avx2"
-    assert m.generation["eos_token_ids"] == [2] and m.generation["temperature"] == 0.0
+    assert m.quantization.method == "none"
+    assert m.graph.flavour == "fused" and m.graph.opset == 21
+    assert m.target.name == "x86-avx2"
+    assert m.generation.eos_token_ids == [2] and m.generation.temperature == 0.0
     assert m.format_version == FORMAT_VERSION
 
 
@@ -124,10 +124,15 @@ def _manifest(b, text):
     (b / MANIFEST).write_text(text)
 
 
-def _arch_field(b, key, value):
-    raw = json.loads((b / MANIFEST).read_text())
-    raw["architecture"][key] = value
-    (b / MANIFEST).write_text(json.dumps(raw))
+def _section(bundle, name, value):
+    raw = json.loads((bundle / MANIFEST).read_text())
+    raw[name] = value
+    _manifest(bundle, json.dumps(raw))
+
+
+def _field(bundle, section, name, value):
+    raw = json.loads((bundle / MANIFEST).read_text())
+    _section(bundle, section, {**raw[section], name: value})
 
 
 DAMAGE = {  # damage -> what the one line must say
@@ -137,10 +142,17 @@ DAMAGE = {  # damage -> what the one line must say
     "more layers than the graph": (lambda b: _layers(b, 3), "caches keys for 2 layers, the manifest says 3"),
     "manifest not an object": (lambda b: _manifest(b, "[1, 2, 3]"), "the manifest is not a JSON object"),
     "manifest without architecture": (lambda b: _manifest(b, '{"format_version": 1}'), "architecture is missing"),
-    "kv heads as a string": (lambda b: _arch_field(b, "num_kv_heads", "2"), "num_kv_heads must be an integer"),
-    "a bool for the vocabulary": (lambda b: _arch_field(b, "vocab_size", True), "vocab_size must be an integer"),
-    "a different vocabulary": (lambda b: _arch_field(b, "vocab_size", 1000), "a vocabulary of 1000"),
-    "a different head size": (lambda b: _arch_field(b, "head_size", 32), "32)"),
+    "kv heads as a string": (lambda b: _field(b, "architecture", "num_kv_heads", "2"),
+                             "architecture.num_kv_heads must be an integer"),
+    "a bool for the vocabulary": (lambda b: _field(b, "architecture", "vocab_size", True),
+                                  "architecture.vocab_size must be an integer"),
+    "a different vocabulary": (lambda b: _field(b, "architecture", "vocab_size", 1000), "a vocabulary of 1000"),
+    "a different head size": (lambda b: _field(b, "architecture", "head_size", 32), "32)"),
+    "a temperature as text": (lambda b: _field(b, "generation", "temperature", "hot"),
+                              "generation.temperature must be a number"),
+    "threads as a number with a fraction": (lambda b: _field(b, "target", "threads", 2.5),
+                                            "target.threads must be an integer or null"),
+    "the graph section a list": (lambda b: _section(b, "graph", []), "graph must be an object"),
     "a file outside the bundle": (lambda b: _manifest(b, (b / MANIFEST).read_text().replace(
         '"tokenizer.json"', '"../tokenizer.json"')), "not a file of the bundle folder"),
 }
@@ -159,6 +171,21 @@ def test_a_damaged_bundle_is_refused_in_one_line_naming_the_file(damage, tiny_bu
         Model(bundle)
     for command in (("info", bundle), ("generate", bundle, "hi")):
         assert_one_line_error(edgekit(*command), says)
+
+
+def test_a_manifest_from_a_newer_edgekit_of_the_same_format_reads_and_keeps_what_it_adds(tiny_bundle, tmp_path):
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
+    raw = json.loads((bundle / MANIFEST).read_text())
+    raw["graph"]["kv_dtype"] = "float16"  # fields this runtime does not know, in a section and at the top
+    raw["quantization"]["rotation"] = {"kind": "hadamard"}
+    raw["telemetry"] = True
+    (bundle / MANIFEST).write_text(json.dumps(raw))
+    m = read_manifest(bundle)
+    assert m.graph.flavour == "fused" and m.graph.extra == {"kv_dtype": "float16"}
+    assert m.quantization.label == "none"
+    written = json.loads(m.to_json())
+    assert written["graph"]["kv_dtype"] == "float16" and written["quantization"]["rotation"] == {"kind": "hadamard"}
+    assert Manifest.from_dict(written) == m
 
 
 def test_settings_out_of_range_are_refused(tiny_bundle):

@@ -113,7 +113,7 @@ def test_logits_match_transformers_in_both_flavours(name, tiny, smol_tokenizer, 
     folder, hf = tiny(name)
     for flavour, options in (("fused", {}), ("portable", PORTABLE)):
         bundle = export(folder, tmp_path / flavour, ExportOptions(**options), **QUIET)
-        assert Model(bundle).manifest.graph["flavour"] == flavour
+        assert Model(bundle).manifest.graph.flavour == flavour
         worst = check_parity(bundle, hf, smol_tokenizer, decode_steps=STEPS)
         assert worst < ATOL, f"{name} ({flavour}): max |logits diff| {worst:.2e} >= {ATOL}"
 

@@ -116,7 +116,7 @@ def test_status_is_retained_and_heartbeats_report_load(broker, serve, tiny_bundl
         assert wire.messages[0].retain  # a late subscriber still learns the device is there
     assert status["v"] == 1 and status["state"] == "online"
     assert status["bundle_hash"] == Model(tiny_bundle).bundle_hash == service.model.bundle_hash
-    assert status["target"] == service.model.manifest.target.get("name")
+    assert status["target"] == service.model.manifest.target.name
     assert beat["queue_depth"] == 0 and beat["queue_limit"] == service.limits.queue and "load1" in beat
 
     service.stop()

@@ -74,7 +74,7 @@ def test_eval_compare_prints_size_perplexity_and_delta(make_tiny, tmp_path, caps
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["bundle", "quantization", "size", "MB", "perplexity", "delta"]
     assert out[1].startswith(str(fp32)) and out[1].endswith("+0.00%")
-    assert "rtn 4b g32" in out[2]
+    assert "rtn int4 g32" in out[2]  # Quantization.label
     first, second = (float(line.split()[-2]) for line in out[1:3])
     assert first == pytest.approx(perplexity(Model(fp32), text.read_text(), 64).perplexity, rel=1e-6)
     assert second != first  # the 4-bit bundle is a different model

@@ -42,7 +42,7 @@ def test_portable_fp32_logits_match_transformers(make_tiny, smol_tokenizer, tmp_
     folder, hf = make_tiny(model_type, **config)
     bundle = export(folder, tmp_path / "portable", ExportOptions(**FP32_PORTABLE), progress=lambda _: None)
 
-    assert Model(bundle).manifest.graph["flavour"] == "portable"
+    assert Model(bundle).manifest.graph.flavour == "portable"
     assert {domain for domain, _ in _ops(bundle)} == {""}, "only the default ONNX domain"
     assert check_parity(bundle, hf, smol_tokenizer) < ATOL
 

@@ -110,27 +110,27 @@ def test_export_for_several_targets_writes_one_bundle_each(multi_target):
     assert sorted(p.name for p in multi_target.iterdir()) == ["jetson-orin-nano", "rpi4"]
     rpi4 = Model(multi_target / "rpi4")
     m = rpi4.manifest
-    assert m.target["name"] == "rpi4" and m.target["threads"] == 4
-    assert m.target["execution_providers"] == ["CPUExecutionProvider"]
-    assert m.target["session_config"] == {"session.intra_op.allow_spinning": "0"}
-    assert m.quantization["method"] == "rtn" and m.graph["flavour"] == "fused"
-    assert "com.microsoft::MatMulNBits" in m.graph["operators"]
+    assert m.target.name == "rpi4" and m.target.threads == 4
+    assert m.target.execution_providers == ["CPUExecutionProvider"]
+    assert m.target.session_config == {"session.intra_op.allow_spinning": "0"}
+    assert m.quantization.method == "rtn" and m.graph.flavour == "fused"
+    assert "com.microsoft::MatMulNBits" in m.graph.operators
     graph = onnx.load(str(multi_target / "rpi4" / "model.onnx"), load_external_data=False)
     levels = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
               if a.name == "accuracy_level"}
     assert levels == {1}  # the target's, for its ISA
-    assert m.quantization["accuracy_level"] == 1  # and the manifest says what the graph does
+    assert m.quantization.accuracy_level == 1  # and the manifest says what the graph does
 
     nano = Model(multi_target / "jetson-orin-nano")
-    assert nano.manifest.graph["flavour"] == "portable"
-    assert all(op.startswith("ai.onnx::") for op in nano.manifest.graph["operators"])
-    assert "ai.onnx::DequantizeLinear" in nano.manifest.graph["operators"]
+    assert nano.manifest.graph.flavour == "portable"
+    assert all(op.startswith("ai.onnx::") for op in nano.manifest.graph.operators)
+    assert "ai.onnx::DequantizeLinear" in nano.manifest.graph.operators
     assert len(nano.generate("The robot", max_new_tokens=4, temperature=0.0).token_ids) == 4
 
 
 def test_operator_check_reports_fallbacks_and_failures(multi_target):
-    fused_ops = Model(multi_target / "rpi4").manifest.graph["operators"]
-    portable_ops = Model(multi_target / "jetson-orin-nano").manifest.graph["operators"]
+    fused_ops = Model(multi_target / "rpi4").manifest.graph.operators
+    portable_ops = Model(multi_target / "jetson-orin-nano").manifest.graph.operators
     jetson = load_target("jetson-orin-nano").execution_providers
 
     r = check.check_operators(portable_ops, jetson)

@@ -82,7 +82,7 @@ def ort_row(name: str, fp32: Path, work: Path) -> tuple[Path, float]:
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
     from onnxruntime.quantization.calibrate import CalibrationDataReader
 
-    from edgekit.device.bundle import read_manifest, write_manifest
+    from edgekit.device.bundle import Quantization, read_manifest, write_manifest
 
     out = work / name
     if out.exists():
@@ -138,8 +138,8 @@ def ort_row(name: str, fp32: Path, work: Path) -> tuple[Path, float]:
     onnx.save_model(quant.model.model, str(out / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
     manifest = read_manifest(out, verify=False)
-    manifest.quantization = {"method": name, "bits": 4, "group_size": 128, "symmetric": sym, "accuracy_level": 4,
-                             "tool": "onnxruntime.quantization.matmul_nbits_quantizer"}
+    manifest.quantization = Quantization(method=name, bits=4, group_size=128, symmetric=sym, accuracy_level=4,
+                                         extra={"tool": "onnxruntime.quantization.matmul_nbits_quantizer"})
     write_manifest(out, manifest)
     return out, seconds
 

@@ -97,7 +97,7 @@ def _run_profile(args, threads: int | None, say) -> int:
 
     import edgekit
     from edgekit.device import bench, op_profile, sysinfo
-    from edgekit.device.bundle import bundle_hash, read_manifest
+    from edgekit.device.bundle import bundle_hash, read_manifest, to_record
 
     prompt = args.prompt_tokens[0]
     new = min(args.new_tokens, 32)  # decode steps are alike: a few dozen give a stable per-step mean
@@ -111,7 +111,7 @@ def _run_profile(args, threads: int | None, say) -> int:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": sysinfo.machine_description(),
         "bundle": {"path": str(args.bundle), "name": Path(args.bundle).resolve().name,
-                   "hash": bundle_hash(manifest), "quantization": manifest.quantization},
+                   "hash": bundle_hash(manifest), "quantization": to_record(manifest.quantization)},
         "settings": {"prompt_tokens": prompt, "new_tokens": new, "threads": threads},
         "profile": op_profile.profile_dict(phases),
     }

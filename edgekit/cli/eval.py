@@ -49,7 +49,7 @@ def _window(args, bundles: list[str]) -> int:
     rooms = []
     for b in bundles:
         m = read_manifest(b, verify=False)
-        rooms.append(m.architecture.context_length - ((m.prefix or {}).get("length") or 0))
+        rooms.append(m.architecture.context_length - (m.prefix.length if m.prefix else 0))
     return min(DEFAULT_WINDOW, *rooms)
 
 
@@ -89,9 +89,7 @@ def _run_compare(args) -> int:
     window = _window(args, args.bundles)
     rows = []
     for b in args.bundles:
-        q = read_manifest(b, verify=False).quantization
-        method = q.get("method", "none")
-        label = method if method in ("none", "smoothquant", "w8a8") else f"{method} {q.get('bits')}b g{q.get('group_size')}"
+        label = read_manifest(b, verify=False).quantization.label
         rows.append((b, label, bundle_mb(b), _measure(b, text, window, args)))
     first = rows[0][3].perplexity
     width = max(len(b) for b in args.bundles)

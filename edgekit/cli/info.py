@@ -19,9 +19,9 @@ def _run_info(args) -> int:
           "(hashes, graph, tokenizer)")
     print(f"architecture  {a.model_type}: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}/"
           f"{a.num_kv_heads} kv, head size {a.head_size}, vocab {a.vocab_size}, context {a.context_length}")
-    print(f"quantization  {m.quantization}")
-    print(f"graph         {m.graph['flavour']}, opset {m.graph['opset']}")
-    print(f"target        {m.target.get('name')}")
+    print(f"quantization  {m.quantization.label}")
+    print(f"graph         {m.graph.flavour}, opset {m.graph.opset}")
+    print(f"target        {m.target.name}")
     print(f"chat          {'yes' if m.chat else 'no'}")
     for name, digest in sorted(m.files.items()):
         print(f"  {digest[:16]}  {name}")

@@ -39,6 +39,7 @@ import numpy as np
 
 import edgekit
 from edgekit.device import sysinfo
+from edgekit.device.bundle import to_record
 from edgekit.device.generate import ContextLengthError, Model
 from edgekit.device.sampling import SamplingConfig, sample
 from edgekit.errors import InputError
@@ -272,13 +273,13 @@ def bundle_description(model: Model) -> dict:
         "name": model.path.resolve().name,
         "hash": model.bundle_hash,
         "model_type": a.model_type,
-        "source": (m.source or {}).get("spec"),
+        "source": m.source.spec,
         "layers": a.num_layers,
         "hidden_size": a.hidden_size,
         "context_length": model.context_length,
-        "quantization": m.quantization,
-        "graph": m.graph.get("flavour"),
-        "target": (m.target or {}).get("name"),
+        "quantization": to_record(m.quantization),
+        "graph": m.graph.flavour,
+        "target": m.target.name,
         "size_mb": round(size / 2**20, 1),
     }
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,67 +50,181 @@ class Architecture:
     positions: str = "rope"  # rope | alibi | learned
 
 
+# The manifest's other sections. Each keeps the keys it does not know in `extra` and writes them
+# back: a bundle from a newer edgekit of the same format version reads, and round-trips, unchanged.
+
+
+@dataclass
+class GraphInfo:
+    """How the graph was built: what the runtime feeds it and which operators it needs."""
+
+    flavour: str = "fused"  # fused (onnxruntime's contrib operators) | portable (standard ONNX only)
+    opset: int = 21
+    opset_com_microsoft: int | None = None  # None: no contrib operators (portable)
+    kv_layout: str = "BNSH"  # (batch, kv_heads, positions, head_size)
+    past_present_share_buffer: bool = True  # fused: the cache is written in place
+    inputs: list = field(default_factory=list)
+    operators: list = field(default_factory=list)  # "domain::Op", for `edgekit check` on a device without onnx
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Quantization:
+    """What quantization made of the weights ({"method": "none"}: fp32)."""
+
+    method: str = "none"  # none | rtn | gptq | awq | smoothquant | w8a8
+    bits: int | None = None
+    group_size: int | None = None  # weights per scale; 0: per output channel
+    symmetric: bool | None = None
+    accuracy_level: int | None = None  # MatMulNBits' compute type: 4 int8 activations, 1 fp32
+    extra: dict = field(default_factory=dict)  # the method's own record: operator, calibration, lm_head, ...
+
+    @property
+    def label(self) -> str:
+        """The method in a few words, as tables print it: "none", "rtn int4 g32", "gptq int4 per-channel sym",
+        "smoothquant"."""
+        if self.method == "none":
+            return "none"
+        if self.method in ("smoothquant", "w8a8"):  # int8 weights per channel, int8 activations
+            return self.method
+        groups = "per-channel" if self.group_size == 0 else f"g{self.group_size}"
+        return f"{self.method} int{self.bits} {groups}{' sym' if self.symmetric else ''}"
+
+
+@dataclass
+class TargetInfo:
+    """The device profile the bundle was built for (targets/<name>.json as the export read it)."""
+
+    name: str | None = None
+    arch: str | None = None  # x86_64 | aarch64
+    threads: int | None = None  # onnxruntime intra-op threads; None: onnxruntime's choice
+    execution_providers: list = field(default_factory=list)  # in preference order; empty: CPU
+    session_config: dict = field(default_factory=dict)  # onnxruntime session config entries
+    matmulnbits_accuracy_level: int = 4
+    extra: dict = field(default_factory=dict)  # description, cpu, ram_gb, ...: what `edgekit targets` shows
+
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclass
+class Generation:
+    """The runtime's defaults for this model: its end tokens and its generation_config's sampling."""
+
+    eos_token_ids: list = field(default_factory=list)
+    bos_token_id: int | None = None
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Source:
+    """Where the weights came from."""
+
+    spec: str = ""  # what export was given: a shipped name, a folder or a .gguf file
+    gguf_file: str | None = None
+    name_or_path: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Prefix:
+    """Prefix tuning baked in: `file` (an npz) holds key.{i} and value.{i}, each (kv_heads, length,
+    head_size), loaded into cache positions [0, length) of every sequence."""
+
+    file: str
+    length: int
+
+
 @dataclass
 class Manifest:
     architecture: Architecture
-    quantization: dict  # {"method": "none"} or the method and its parameters
-    target: dict  # the device profile the bundle was built for
-    graph: dict  # flavour, opset, input and output names
-    generation: dict  # defaults: eos ids, max_new_tokens, sampling settings
+    quantization: Quantization
+    target: TargetInfo
+    graph: GraphInfo
+    generation: Generation
     chat: dict | None = None  # the chat format derived from the template, see device/chat.py
-    source: dict = field(default_factory=dict)  # where the weights came from
-    adapters: list = field(default_factory=list)
-    # prefix tuning baked in: {"file": "prefix_kv.npz", "length": P}; the npz holds key.{i} and
-    # value.{i}, each (kv_heads, P, head_size), loaded into cache positions [0, P) of every sequence
-    prefix: dict | None = None
+    source: Source = field(default_factory=Source)
+    adapters: list = field(default_factory=list)  # what was merged or baked in, one record each
+    prefix: Prefix | None = None
     files: dict = field(default_factory=dict)  # file name -> sha256
     format_version: int = FORMAT_VERSION
     edgekit_version: str = ""
 
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: to_record(getattr(self, f.name)) for f in fields(self)}
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        """The manifest in `d`, checked field by field; unknown fields (from a newer edgekit of the same
-        format version) are ignored. Raises ValueError naming the first field that is wrong."""
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        for name, kind in _MANIFEST_FIELDS.items():
-            _expect(d, name, kind, "")
-        arch = d["architecture"]
-        a_known = {f.name for f in fields(Architecture)}
-        for name, kind in _ARCH_FIELDS.items():
-            _expect(arch, name, kind, "architecture.")
+        """The manifest in `d`, every section checked field by field against its dataclass; unknown fields
+        (from a newer edgekit of the same format version) are kept aside. Raises ValueError naming the
+        first field that is wrong."""
+        m = from_record(cls, d, "")
+        arch = m.architecture
         for name in _POSITIVE:
-            if arch[name] < 1:
-                raise ValueError(f"architecture.{name} must be at least 1, got {arch[name]}")
-        if arch["num_heads"] % arch["num_kv_heads"]:
-            raise ValueError(f"architecture.num_heads ({arch['num_heads']}) is not a multiple of num_kv_heads "
-                             f"({arch['num_kv_heads']})")
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in d["files"].items()):
+            if getattr(arch, name) < 1:
+                raise ValueError(f"architecture.{name} must be at least 1, got {getattr(arch, name)}")
+        if arch.num_heads % arch.num_kv_heads:
+            raise ValueError(f"architecture.num_heads ({arch.num_heads}) is not a multiple of num_kv_heads "
+                             f"({arch.num_kv_heads})")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in m.files.items()):
             raise ValueError("files must map file names to sha256 strings")
-        d = dict(d, architecture=Architecture(**{k: v for k, v in arch.items() if k in a_known}))
-        return cls(**d)
+        return m
 
 
-def _expect(d: dict, name: str, kind, where: str) -> None:
-    if name not in d:
-        raise ValueError(f"{where}{name} is missing")
-    value = d[name]
-    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, (int, float)))
-    if not ok:
-        raise ValueError(f"{where}{name} must be {_KIND_NAMES.get(kind, kind)}, got {json.dumps(value)[:60]}")
-
-
-_KIND_NAMES = {int: "an integer", (int, float): "a number", str: "a string", dict: "an object", list: "a list",
-               bool: "true or false"}
-_MANIFEST_FIELDS = {"architecture": dict, "quantization": dict, "target": dict, "graph": dict, "generation": dict,
-                    "files": dict, "format_version": int}
-_ARCH_FIELDS = {"model_type": str, "num_layers": int, "hidden_size": int, "intermediate_size": int, "num_heads": int,
-                "num_kv_heads": int, "head_size": int, "vocab_size": int, "context_length": int,
-                "rms_norm_eps": (int, float), "rope_theta": (int, float)}
+_SECTIONS = {"architecture": Architecture, "quantization": Quantization, "target": TargetInfo, "graph": GraphInfo,
+             "generation": Generation, "source": Source, "prefix": Prefix}
 _POSITIVE = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_size", "vocab_size", "context_length")
+# a field's annotation -> the JSON values it accepts (an int is a number; a bool is neither)
+_KINDS = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict, "list": list,
+          "None": type(None)}
+_KIND_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+               "dict": "an object", "list": "a list", "None": "null"}
+
+
+def from_record(cls, d: Any, where: str = ""):
+    """`cls` from the JSON object `d`, each field checked against its annotation (a section's dataclass
+    read the same way); a missing field takes its default, or is an error when it has none; unknown
+    keys go to `extra` when `cls` has one, else are dropped."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where.rstrip('.') or 'the manifest'} must be an object, got {json.dumps(d)[:60]}")
+    known = {f.name: f for f in fields(cls) if f.name != "extra"}
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        if name not in d:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ValueError(f"{where}{name} is missing")
+            continue
+        section, value = _SECTIONS.get(name) if cls is Manifest else None, d[name]
+        if section is not None and value is not None:
+            values[name] = from_record(section, value, f"{name}.")
+            continue
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if not any(isinstance(value, _KINDS[k]) and not (isinstance(value, bool) and k in ("int", "float"))
+                   for k in kinds if k in _KINDS):
+            want = " or ".join(_KIND_NAMES.get(k, "an object") for k in kinds)
+            raise ValueError(f"{where}{name} must be {want}, got {json.dumps(value)[:60]}")
+        values[name] = value
+    if "extra" in {f.name for f in fields(cls)}:
+        values["extra"] = {k: v for k, v in d.items() if k not in known}
+    return cls(**values)
+
+
+def to_record(value: Any) -> Any:
+    """A section as the JSON object it is read from: its fields but those left None (their default),
+    and its `extra` keys back at the top level."""
+    if not is_dataclass(value):
+        return value
+    d = {f.name: getattr(value, f.name) for f in fields(value) if f.name != "extra"}
+    return {**getattr(value, "extra", {}), **{k: v for k, v in d.items() if v is not None}}
 
 
 def check_graph(folder: Path, manifest: Manifest, inputs: dict[str, list], outputs: dict[str, list]) -> None:
@@ -119,7 +233,7 @@ def check_graph(folder: Path, manifest: Manifest, inputs: dict[str, list], outpu
     logits over the vocabulary. Raises BundleError naming what differs."""
     a = manifest.architecture
     where = f"{folder}: model.onnx does not match {MANIFEST}"
-    flavour = manifest.graph.get("flavour", "fused")
+    flavour = manifest.graph.flavour
     want = FLAVOUR_INPUTS.get(flavour)
     if want is None:
         raise BundleError(f"{folder}: {MANIFEST} names graph flavour {flavour!r}; this runtime knows "

@@ -309,12 +309,12 @@ def check_bundle(bundle: str | Path, target: str | None = None, ram_gb: float | 
     (default: the bundle's) against the target's RAM (or `ram_gb`). TargetError when there is no
     target to check against; InputError for a context length beyond the bundle's."""
     m = read_manifest(bundle)
-    built_for = m.target.get("name")
+    built_for = m.target.name
     if not (target or built_for):
         raise TargetError(f"{bundle} records no target; pass --target (see `edgekit targets`)")
     profile = load_target(target or built_for).manifest_dict()
     arch = m.architecture
-    flavour = m.graph.get("flavour", "fused")
+    flavour = m.graph.flavour
     ctx = context_length or arch.context_length
     if ctx > arch.context_length:
         raise InputError(f"--context-length {ctx} is longer than the bundle's {arch.context_length}")
@@ -322,17 +322,17 @@ def check_bundle(bundle: str | Path, target: str | None = None, ram_gb: float | 
     if built_for != profile["name"]:
         notes.append(f"the bundle was built for {built_for}; it keeps that target's settings (threads, "
                      f"MatMulNBits accuracy level). Re-export with --target {profile['name']} to get this one's.")
-    if m.target.get("arch") and m.target["arch"] != profile["cpu"]["arch"]:
-        notes.append(f"built for {m.target['arch']}, checking on {profile['cpu']['arch']}: bundles are "
+    if m.target.arch and m.target.arch != profile["cpu"]["arch"]:
+        notes.append(f"built for {m.target.arch}, checking on {profile['cpu']['arch']}: bundles are "
                      "architecture-independent, the runtime's wheel is not")
-    ops = m.graph.get("operators") or _operators_from_model(bundle)
+    ops = m.graph.operators or _operators_from_model(bundle)
     weights = bundle_weight_bytes(bundle)
-    quantized = m.quantization.get("method", "none") != "none"
-    level = m.target.get("matmulnbits_accuracy_level", 4)  # what the bundle's graph was built with
+    quantized = m.quantization.method != "none"
+    level = m.target.matmulnbits_accuracy_level  # what the bundle's graph was built with
     budget = available_mb(profile, ram_gb)
     verdict = Verdict(
         bundle=str(bundle),
-        summary=f"{arch.model_type}, {flavour} graph, quantization {m.quantization.get('method')}, "
+        summary=f"{arch.model_type}, {flavour} graph, quantization {m.quantization.label}, "
                 f"built for {built_for}",
         target=profile, notes=notes,
         operators=None if ops is None else check_operators(ops, profile["execution_providers"]),

@@ -176,12 +176,12 @@ class Model:
         self.bundle_hash = bundle_hash(self.manifest)
         arch = self.manifest.architecture
         self.context_length = min(context_length or arch.context_length, arch.context_length)
-        target = self.manifest.target or {}
+        target = self.manifest.target
         self.session, self.provider = create_session(
             self.path / "model.onnx",
-            providers or target.get("execution_providers"),
-            threads if threads is not None else target.get("threads"),
-            {**target.get("session_config", {}), **(session_config or {})},
+            providers or target.execution_providers or None,
+            threads if threads is not None else target.threads,
+            {**target.session_config, **(session_config or {})},
             profile_prefix=profile_prefix,  # onnxruntime's op profiler, for `edgekit bench --profile-ops`
         )
         check_graph(self.path, self.manifest, {i.name: i.shape for i in self.session.get_inputs()},
@@ -193,12 +193,11 @@ class Model:
                               "the bundle is damaged: copy or export it again") from None
         chat = self.manifest.chat or {}
         self.chat_template = (self.path / chat["template"]).read_text(encoding="utf-8") if "template" in chat else None
-        gen = self.manifest.generation
-        self.eos_token_ids = set(gen.get("eos_token_ids", []))
+        self.eos_token_ids = set(self.manifest.generation.eos_token_ids)
 
         # The KV cache: allocated once at the context length, in numpy-owned buffers (so a baked-in
         # prefix can be written in); the graph's flavour decides how a run reads and writes it.
-        self._kv = kv_cache.for_graph(self.manifest.graph.get("flavour", "fused"), self.session, arch.num_layers,
+        self._kv = kv_cache.for_graph(self.manifest.graph.flavour, self.session, arch.num_layers,
                                       arch.num_kv_heads, self.context_length, arch.head_size, arch.vocab_size)
         self.prefix_length = self._load_prefix()
         self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
@@ -211,15 +210,15 @@ class Model:
         prefix = self.manifest.prefix
         if not prefix:
             return 0
-        length = int(prefix["length"])
+        length = prefix.length
         if length >= self.context_length:
             raise InputError(f"the bundle's {length}-token prefix leaves no room in context length {self.context_length}")
         try:
-            with np.load(self.path / prefix["file"]) as kv:
+            with np.load(self.path / prefix.file) as kv:
                 for name, buf in self._kv.buffers.items():
                     buf[0, :, :length, :] = kv[name]  # (kv_heads, P, head_size)
         except (OSError, ValueError, KeyError) as e:
-            raise BundleError(f"{self.path / prefix['file']}: not the prefix this bundle's manifest describes "
+            raise BundleError(f"{self.path / prefix.file}: not the prefix this bundle's manifest describes "
                               f"({str(e)[:200]}); export the bundle again") from None
         return length
 
@@ -357,11 +356,11 @@ class Model:
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
                  "min_p": min_p, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty}
         cfg = SamplingConfig(seed=seed, logit_bias=logit_bias, **{  # settings not given take the bundle's defaults
-            k: v if v is not None else gen[k] for k, v in given.items() if v is not None or k in gen})
+            k: v if v is not None else getattr(gen, k) for k, v in given.items() if v is not None or hasattr(gen, k)})
         if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int)
                                          or not 0 <= top_logprobs <= 20):
             raise InputError(f"top_logprobs must be an integer from 0 to 20, got {top_logprobs!r}")
-        max_new = gen.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens
+        max_new = gen.max_new_tokens if max_new_tokens is None else max_new_tokens
         if max_new < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new}")
         constraint = None if spec is None else Constraint(self.guide_tokenizer, compile_grammar(

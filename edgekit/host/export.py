@@ -16,14 +16,24 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 import edgekit
-from edgekit.device.bundle import MANIFEST, Manifest, write_manifest
+from edgekit.device.bundle import (
+    MANIFEST,
+    Generation,
+    Manifest,
+    Prefix,
+    Quantization,
+    Source,
+    TargetInfo,
+    from_record,
+    write_manifest,
+)
 from edgekit.errors import ExportError
 from edgekit.host import chat_format, graph
 from edgekit.host.adapters import apply_adapters
@@ -39,7 +49,6 @@ from edgekit.host.target_fit import (
 
 # The device profile used until targets/ profiles are chosen explicitly.
 DEFAULT_TARGET = {"name": "x86-avx2", "arch": "x86_64", "execution_providers": ["CPUExecutionProvider"]}
-DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass
@@ -158,21 +167,13 @@ def write_bundle(folder: Path, loaded: LoadedModel, arch, model_proto: onnx.Mode
         (folder / "chat_template.jinja").write_text(tok.chat_template)
     manifest = Manifest(
         architecture=arch,
-        quantization=quantization or {"method": "none", "dtype": "float32"},
-        target=options.target,
-        graph={
-            "flavour": "fused",
-            "opset": graph.OPSET,
-            "opset_com_microsoft": 1,
-            "kv_layout": "BNSH",
-            "past_present_share_buffer": True,
-            "inputs": [i.name for i in model_proto.graph.input][:4],
-            **graph_manifest(model_proto, flavour),
-        },
+        quantization=from_record(Quantization, quantization or {"method": "none", "dtype": "float32"}),
+        target=from_record(TargetInfo, options.target or {}),
+        graph=graph_manifest(model_proto, flavour),
         generation=generation_defaults(loaded),
         chat=chat,
-        source={"spec": loaded.source.spec, "gguf_file": loaded.source.gguf_file,
-                "name_or_path": getattr(loaded.model.config, "_name_or_path", "")},
+        source=Source(spec=loaded.source.spec, gguf_file=loaded.source.gguf_file,
+                      name_or_path=getattr(loaded.model.config, "_name_or_path", "")),
         adapters=adapters or [],
         prefix=_write_prefix(folder, arch, prefix),
         edgekit_version=edgekit.__version__,
@@ -180,7 +181,7 @@ def write_bundle(folder: Path, loaded: LoadedModel, arch, model_proto: onnx.Mode
     write_manifest(folder, manifest)
 
 
-def _write_prefix(folder: Path, arch, prefix: np.ndarray | None) -> dict | None:
+def _write_prefix(folder: Path, arch, prefix: np.ndarray | None) -> Prefix | None:
     if prefix is None:
         return None
     layers, two, kv_heads, length, head_size = prefix.shape  # (layers, 2, kv_heads, P, head_size)
@@ -190,10 +191,10 @@ def _write_prefix(folder: Path, arch, prefix: np.ndarray | None) -> dict | None:
                           f"{arch.context_length}; export with a larger --context-length")
     np.savez(folder / "prefix_kv.npz", **{f"{kind}.{i}": prefix[i, k] for i in range(layers)
                                           for k, kind in enumerate(("key", "value"))})
-    return {"file": "prefix_kv.npz", "length": int(length)}
+    return Prefix(file="prefix_kv.npz", length=int(length))
 
 
-def generation_defaults(loaded: LoadedModel) -> dict:
+def generation_defaults(loaded: LoadedModel) -> Generation:
     """The model's own generation_config (generation_config.json), as the runtime's defaults: greedy
     unless it samples. A shipped model's GGUF has none: its model card's settings stand in."""
     gc = loaded.model.generation_config
@@ -201,19 +202,16 @@ def generation_defaults(loaded: LoadedModel) -> dict:
     eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
     shipped = next((m for m in SHIPPED.values() if m.file == loaded.source.gguf_file), None)  # by name or by path
     sampling = bool(gc.do_sample)
-    defaults = {
-        "eos_token_ids": eos_ids,
-        "bos_token_id": loaded.tokenizer.bos_token_id,
-        "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
-        "temperature": float(gc.temperature or 1.0) if sampling else 0.0,
-        "top_k": int(gc.top_k or 0) if sampling else 0,
-        "top_p": float(gc.top_p or 1.0) if sampling else 1.0,
-        "min_p": float(gc.min_p or 0.0) if sampling else 0.0,
-        "repetition_penalty": float(gc.repetition_penalty or 1.0),
-    }
-    if shipped is not None:
-        defaults.update(shipped.generation)
-    return defaults
+    defaults = Generation(
+        eos_token_ids=eos_ids,
+        bos_token_id=loaded.tokenizer.bos_token_id,
+        temperature=float(gc.temperature or 1.0) if sampling else 0.0,
+        top_k=int(gc.top_k or 0) if sampling else 0,
+        top_p=float(gc.top_p or 1.0) if sampling else 1.0,
+        min_p=float(gc.min_p or 0.0) if sampling else 0.0,
+        repetition_penalty=float(gc.repetition_penalty or 1.0),
+    )
+    return replace(defaults, **shipped.generation) if shipped is not None else defaults
 
 
 def flag(option: str) -> str:

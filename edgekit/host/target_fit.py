@@ -10,21 +10,18 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from edgekit.device.bundle import Architecture
+from edgekit.device.bundle import FLAVOUR_INPUTS, Architecture, GraphInfo
 from edgekit.errors import ExportError
+from edgekit.host.graph.proto import OPSET
 
 
-def graph_manifest(model: onnx.ModelProto, flavour: str) -> dict:
-    """What a bundle's manifest records about the graph beyond the fused defaults: the
-    flavour's cache scheme and every operator it uses (`edgekit check` reads them on the
-    device, where the onnx package is not installed)."""
+def graph_manifest(model: onnx.ModelProto, flavour: str) -> GraphInfo:
+    """What a bundle's manifest records about the graph: the flavour's inputs and cache scheme and
+    every operator it uses (`edgekit check` reads them on the device, where onnx is not installed)."""
     ops = sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in model.graph.node})
-    extra: dict = {"operators": ops}
-    if flavour == "portable":
-        extra.update(flavour="portable", past_present_share_buffer=False,
-                     inputs=["input_ids", "position_ids", "num_logits_to_keep"])
-        extra["opset_com_microsoft"] = None  # standard operators only
-    return extra
+    fused = flavour == "fused"
+    return GraphInfo(flavour=flavour, opset=OPSET, opset_com_microsoft=1 if fused else None,
+                     past_present_share_buffer=fused, inputs=list(FLAVOUR_INPUTS[flavour]), operators=ops)
 
 
 def set_accuracy_level(model: onnx.ModelProto, level: int) -> int:
@@ -84,7 +81,7 @@ def check_target_fit(model: onnx.ModelProto, arch: Architecture, options, flavou
     target = options.target
     if "graph_flavour" not in target:  # the built-in default, not a targets/ profile: nothing to check against
         return
-    ops = graph_manifest(model, flavour)["operators"]
+    ops = graph_manifest(model, flavour).operators
     report = check.check_operators(ops, target["execution_providers"])
     for line in report.lines():
         say(f"      {line}")

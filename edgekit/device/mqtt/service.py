@@ -40,6 +40,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgekit.device import sysinfo
+from edgekit.device.bundle import Manifest
 from edgekit.device.chat import ChatFormatError
 from edgekit.device.constrain import ConstraintError
 from edgekit.device.generate import Completion, ContextLengthError, Model
@@ -323,7 +324,7 @@ class Service:
         m = self.model.manifest
         self._out.put(_Outgoing(self.topics.status(self.device_id), proto.status(
             self.device_id, online=True, model=_model_name(m), bundle_hash=self.model.bundle_hash,
-            target=(m.target or {}).get("name"), context_length=self.model.context_length,
+            target=m.target.name, context_length=self.model.context_length,
             group=self.config.group, max_new_tokens=self.limits.max_new_tokens), retain=True))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -480,7 +481,7 @@ class Service:
         if job.expires is not None and started >= job.expires:
             return self._finish_error(key, proto.EXPIRED, "the request expired while it waited in the queue")
         self.journal.mark_running(*key)
-        max_new = r.max_new_tokens or min(self.model.manifest.generation.get("max_new_tokens", 256),
+        max_new = r.max_new_tokens or min(self.model.manifest.generation.max_new_tokens,
                                           self.limits.max_new_tokens)
         try:
             stream = self.model.stream(r.prompt if r.prompt is not None else r.messages, max_new_tokens=max_new,
@@ -623,6 +624,6 @@ def _blob(value) -> bytes:
     return bytes(value)
 
 
-def _model_name(manifest) -> str | None:
-    source = manifest.source or {}
-    return source.get("spec") or (Path(source["name_or_path"]).name if source.get("name_or_path") else None)
+def _model_name(manifest: Manifest) -> str | None:
+    source = manifest.source
+    return source.spec or (Path(source.name_or_path).name if source.name_or_path else None)
