@@ -17,17 +17,34 @@ import argparse
 import json
 import logging
 import queue
+import threading
 
 import paho.mqtt.client as mqtt
 
 from edgekit.device.mqtt import BrokerConfig, Client, RequestError
 
-SYSTEM = (
-    "You control a robot arm. Answer with one JSON object and nothing else: "
-    '{"action": "pick" | "place" | "home" | "stop", "object": string or null, "location": string or null}.'
-)
+# Short on purpose: every command's prompt repeats it, so it is most of the prompt's tokens.
+SYSTEM = "You control a robot arm. Answer with a JSON action: pick, place, home or stop, with its object and location."
 ACTIONS = {"pick", "place", "home", "stop"}
+
+
+def _shape(action: str, obj: dict, loc: dict) -> dict:
+    return {"type": "object", "properties": {"action": {"const": action}, "object": obj, "location": loc},
+            "required": ["action", "object", "location"], "additionalProperties": False}
+
+
+_NAME = {"type": "string", "minLength": 1, "maxLength": 40}
+_NONE = {"type": "null"}
+# What the model's answer is constrained to: exactly the actions parse_action accepts, with the
+# fields each one needs (pick: an object; place: an object and a location; home, stop: neither).
+ACTION_SCHEMA = {"anyOf": [_shape("pick", _NAME, _NONE), _shape("place", _NAME, _NAME),
+                           _shape("home", _NONE, _NONE), _shape("stop", _NONE, _NONE)]}
 log = logging.getLogger("arm")
+
+
+def action_json(action: str, obj: str | None, location: str | None) -> str:
+    """An action as the compact JSON that generation constrained by ACTION_SCHEMA writes."""
+    return json.dumps({"action": action, "object": obj, "location": location}, separators=(",", ":"))
 
 
 def parse_action(text: str) -> dict:
@@ -71,9 +88,12 @@ def main() -> None:
         except queue.Full:  # never block paho's thread; a flooded arm drops commands, it does not lag
             log.warning("busy: dropped command %r", msg.payload[:80])
 
+    subscribed = threading.Event()
     bus.on_message = on_command
+    bus.on_subscribe = lambda *a: subscribed.set()
     bus.connect_async(*config.address()[:2])
     bus.loop_start()
+    subscribed.wait()  # (re)connects with backoff until the broker is up
 
     with Client(config, device_id=args.arm, timeout=30) as llm:
         log.info("ready: commands on robot/%s/command", args.arm)
@@ -81,7 +101,10 @@ def main() -> None:
             command = commands.get()
             try:
                 answer = llm.ask([{"role": "system", "content": SYSTEM}, {"role": "user", "content": command}],
-                                 max_new_tokens=args.max_new_tokens, temperature=0)
+                                 max_new_tokens=args.max_new_tokens, temperature=0,
+                                 response_format={"type": "json_schema", "json_schema": {"schema": ACTION_SCHEMA}})
+                if answer.valid is False:  # the token limit cut the action short
+                    raise ValueError(f"incomplete action after {args.max_new_tokens} tokens: {answer.text!r}")
                 action = parse_action(answer.text)
                 result = {"command": command, **action, "ttft_s": answer.timing.get("ttft_s")}
             except (RequestError, ValueError) as e:  # no answer, or not a safe action: refuse, do not guess

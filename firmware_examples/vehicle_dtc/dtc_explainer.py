@@ -6,6 +6,9 @@ message on `vehicle/{id}/hmi`. Two rules make it fit for a car:
 
 - A fixed, pre-written warning for a critical code goes out at once, before the model
   runs; the model's sentence only follows it. A slow or odd answer never delays a warning.
+- The model's sentence is constrained to what a dashboard can show (DASHBOARD_TEXT: one line,
+  plain characters, at most 140); when it does not finish within the token limit, the code's
+  meaning from the table is shown instead.
 - The system prompt is the same for every code, so its tokens stay in the model's KV cache
   and only the new code is computed (see `cached_tokens` in the log).
 
@@ -39,21 +42,23 @@ CODES = {
 CRITICAL_WARNING = "Warning: {meaning}. Reduce speed and stop safely as soon as possible."
 SYSTEM = ("You write one short, calm sentence for a car's dashboard telling the driver what a fault means "
           "and what to do. No technical jargon.")
+# One sentence the dashboard can show: a capital, plain characters, a full stop, at most 140 characters.
+DASHBOARD_TEXT = r"[A-Z][A-Za-z0-9 ,;'()-]{8,138}\."
 log = logging.getLogger("dtc")
 
 
 def hmi_messages(model: Model, code: str, max_new_tokens: int) -> list[dict]:
     """The dashboard messages for one trouble code: an immediate warning if critical, then the model's sentence."""
-    meaning, severity = CODES.get(code, ("an unrecognised fault code", "service"))
+    meaning, severity = CODES.get(code, ("Unrecognised fault code", "service"))
     out = []
     if severity == "critical":
         out.append({"code": code, "severity": severity, "text": CRITICAL_WARNING.format(meaning=meaning.lower())})
     user = f"Fault {code}: {meaning}. Severity: {severity}."
     done = model.generate([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
-                          max_new_tokens=max_new_tokens, temperature=0, stop=["\n"])
+                          max_new_tokens=max_new_tokens, temperature=0, regex=DASHBOARD_TEXT)
     log.info("%s: %d prompt tokens (%d cached), %.0f ms to first token", code, done.stats.prompt_tokens,
              done.stats.cached_tokens, done.stats.time_to_first_token_s * 1e3)
-    out.append({"code": code, "severity": severity, "text": done.text.strip() or meaning})
+    out.append({"code": code, "severity": severity, "text": done.text if done.valid else f"{meaning}."})
     return out
 
 
@@ -62,7 +67,7 @@ def main() -> None:
     p.add_argument("--bundle", required=True)
     p.add_argument("--broker", default="mqtt://localhost:1883")
     p.add_argument("--vehicle", default="car-01")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--threads", type=int)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="dtc: %(message)s")
