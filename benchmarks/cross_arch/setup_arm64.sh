@@ -2,7 +2,7 @@
 # Make an arm64 (aarch64) Python environment on an x86_64 Debian host, run under qemu-user.
 #
 #   debootstrap --foreign ──► arm64 Debian bookworm base + python3 (.debs unpacked, nothing executed)
-#   pip --platform manylinux2014_aarch64 ──► the aarch64 wheels of onnxruntime, numpy, tokenizers
+#   pip --platform manylinux_2_31_aarch64 ──► the aarch64 wheels of the device runtime's dependencies
 #   qemu-aarch64-static -L ROOT ROOT/usr/bin/python3 ──► an arm64 Python that imports them
 #
 # No binfmt_misc registration and no chroot are needed (containers rarely allow either):
@@ -40,11 +40,11 @@ ORT_VERSION=${ORT_VERSION:-$(python3 -c 'import onnxruntime; print(onnxruntime._
 SITE="$ROOT/opt/edgekit-site"
 python3 -m pip install --quiet --upgrade --no-compile --target "$SITE" \
     --platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 \
-    --implementation cp --python-version 311 --only-binary=:all: \
-    "onnxruntime==$ORT_VERSION" numpy tokenizers
+    --platform manylinux_2_31_aarch64 --implementation cp --python-version 311 --only-binary=:all: \
+    "onnxruntime==$ORT_VERSION" numpy tokenizers llguidance jinja2 paho-mqtt
 
 echo "arm64 environment ready: $ROOT"
 PYTHONPATH="$SITE" qemu-aarch64-static -L "$ROOT" "$ROOT/usr/bin/python3" -c \
-    'import platform, onnxruntime, numpy, tokenizers, sys
+    'import platform, onnxruntime, numpy, tokenizers, llguidance, jinja2, sys
 print(platform.machine(), sys.version.split()[0], "onnxruntime", onnxruntime.__version__, onnxruntime.get_available_providers(), "numpy", numpy.__version__)' \
     2>&1 | sed 's/^/  /' || true
