@@ -23,6 +23,9 @@ everything to --out.
 
 Needs the benchmark extras: pip install -e '.[export,bench]' (peers are never edgekit dependencies).
 Artifacts (bundles, HF folder, builds, converted GGUFs) are made once in --work and reused.
+
+Only the parent and edgekit's own peers import edgekit: importing it loads onnxruntime, about
+30 MB that another peer's peak memory would count. The parent reads each child's peak from /proc.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +51,6 @@ PRECISION = {"edgekit-fp32": "fp32", "llama.cpp-F32": "fp32", "ort-genai-fp32": 
 
 
 # -- children: one peer, one process ------------------------------------------------------
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_peer(peer: str, model_path: str, ids: list[int], new: int, threads: int):
@@ -174,7 +169,8 @@ def serve(peer: str, model_path: str, ids: list[int], new: int, threads: int) ->
     """A peer's process: load, then one run per "run" line on stdin, one JSON line out for each.
 
     The parent drives every peer's process in turn, run by run, so a slow minute on a shared
-    machine hits all peers alike instead of whichever happened to be running.
+    machine hits all peers alike instead of whichever happened to be running. The parent reads
+    this process's peak memory from /proc before it sends the line that ends it.
     """
     load_s, run = load_peer(peer, model_path, ids, new, threads)
     print(json.dumps({"load_s": load_s}), flush=True)
@@ -183,21 +179,22 @@ def serve(peer: str, model_path: str, ids: list[int], new: int, threads: int) ->
             break
         prefill_s, ttft_s, steps = run()
         print(json.dumps({"prefill_s": prefill_s, "ttft_s": ttft_s, "steps": steps}), flush=True)
-    print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
 def summarize(peer: str, model_path: str, load_s: float, runs: list[dict], prompt: int, new: int,
-              rss: float) -> dict:
-    steps_ms = [s * 1e3 for r in runs for s in r["steps"]]
-    decode = [new / sum(r["steps"]) for r in runs]
+              rss: float | None) -> dict:
+    """One peer's figures over its counted runs (the runs' JSON lines): medians, decode's sd, step percentiles."""
+    from edgekit.device.bench import Percentiles, Summary  # the parent's (see the module's docstring)
+
+    decode = Summary.of([new / sum(r["steps"]) for r in runs])
     return {
         "peer": peer, "model": model_path, "prompt_tokens": prompt, "new_tokens": new, "runs": len(runs),
         "load_s": load_s,
-        "ttft_ms": statistics.median(r["ttft_s"] * 1e3 for r in runs),
-        "prefill_tps": statistics.median(prompt / r["prefill_s"] for r in runs),
-        "decode_tps": statistics.median(decode),
-        "decode_tps_sd": statistics.stdev(decode) if len(decode) > 1 else 0.0,
-        "itl_ms": {f"p{q}": float(np.percentile(steps_ms, q)) for q in (50, 90, 99)},
+        "ttft_ms": Summary.of([r["ttft_s"] * 1e3 for r in runs]).median,
+        "prefill_tps": Summary.of([prompt / r["prefill_s"] for r in runs]).median,
+        "decode_tps": decode.median,
+        "decode_tps_sd": decode.sd,
+        "itl_ms": asdict(Percentiles.of([s * 1e3 for r in runs for s in r["steps"]])),
         "peak_rss_mb": rss,
     }
 
@@ -276,7 +273,8 @@ def make_artifacts(work: Path, wanted: list[str], bundle: str | None) -> tuple[d
                 paths["llama.cpp-Q4_1"] = str(gguf)
             # same bits as edgekit: llama.cpp's own quantizer, from the shipped Q4_1 (dequantized, so the
             # F32 file holds exactly the weights the fp32 peers see)
-            for peer, ftype in (("llama.cpp-F32", "LLAMA_FTYPE_ALL_F32"), ("llama.cpp-Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0")):
+            for peer, ftype in (("llama.cpp-F32", "LLAMA_FTYPE_ALL_F32"),
+                                ("llama.cpp-Q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0")):
                 if not need(peer):
                     continue
                 out = work / f"smollm2-135m-{peer.split('-')[1]}.gguf"
@@ -287,7 +285,8 @@ def make_artifacts(work: Path, wanted: list[str], bundle: str | None) -> tuple[d
 
     hf = work / "hf"
     if any(p.startswith(("ort-genai", "transformers")) for p in wanted) and not (hf / "config.json").exists():
-        err = run_quiet([py, str(Path(__file__).resolve()), "--make-hf", str(hf)], "fp32 Hugging Face folder from the GGUF")
+        err = run_quiet([py, str(Path(__file__).resolve()), "--make-hf", str(hf)],
+                        "fp32 Hugging Face folder from the GGUF")
         if err:
             for p in wanted:
                 if p.startswith(("ort-genai", "transformers")):
@@ -379,7 +378,7 @@ def timer_overhead(bundle: str, threads: int, tokens: int, rounds: int) -> dict:
         tok = int(np.argmax(m.prefill(ids)[0]))
         pair = (bare, timed) if i % 2 == 0 else (timed, bare)
         for f in pair:
-            if m.prefix_length + len(m._cached_ids) + tokens + 1 >= m.context_length:
+            if tokens + 1 >= m.positions_left:
                 m.reset()
                 tok = int(np.argmax(m.prefill(ids)[0]))
             dt, tok = f(tok)
@@ -397,20 +396,12 @@ def timer_overhead(bundle: str, threads: int, tokens: int, rounds: int) -> dict:
     per_token_s = (clock() - t0) / n
     step_s = statistics.median(a) / tokens
     return {"tokens": tokens, "rounds": rounds, "bare_s": sum(a), "timed_s": sum(b), "ratio": sum(b) / sum(a),
-            "per_round_ratio_median": statistics.median(y / x for x, y in zip(a, b)),
+            "per_round_ratio_median": statistics.median(y / x for x, y in zip(a, b, strict=True)),
             "timer_cost_per_token_us": per_token_s * 1e6, "bare_step_ms": step_s * 1e3,
             "bound_ratio": 1 + per_token_s / step_s}
 
 
 # -- the parent ---------------------------------------------------------------------------------------
-
-
-def fmt_table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    w = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    lines = ["| " + " | ".join(c.ljust(w[c]) for c in cols) + " |", "| " + " | ".join("-" * w[c] for c in cols) + " |"]
-    lines += ["| " + " | ".join(str(r[c]).rjust(w[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main() -> int:
@@ -456,6 +447,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from edgekit.device import sysinfo
     from edgekit.device.bench import prompt_ids
+    from edgekit.device.table import format_table
 
     tokenizer = Tokenizer.from_file(str(Path(paths["edgekit-fp32"]) / "tokenizer.json"))
     ids = prompt_ids(tokenizer, args.prompt_tokens)
@@ -497,8 +489,8 @@ def main() -> int:
                 runs[peer].append(r)
     results: dict[str, dict] = {}
     for peer, proc in procs.items():
-        out, _ = proc.communicate("quit\n", timeout=60)
-        rss = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+        rss = sysinfo.peak_rss_mb(proc.pid)  # while it lives: its peak is gone when it exits
+        proc.communicate("quit\n", timeout=60)
         results[peer] = summarize(peer, paths[peer], loads[peer], runs[peer], args.prompt_tokens, args.new_tokens, rss)
 
     overhead = None
@@ -508,13 +500,15 @@ def main() -> int:
 
     rows = []
     for peer, r in results.items():
-        base = results.get("edgekit-int4" if PRECISION[peer] == "4-bit" and "edgekit-int4" in results else "edgekit-fp32")
+        same = "edgekit-int4" if PRECISION[peer] == "4-bit" and "edgekit-int4" in results else "edgekit-fp32"
+        base = results.get(same)
         rows.append({
             "peer": peer, "precision": PRECISION[peer],
             "load s": f"{r['load_s']:.2f}", "ttft ms": f"{r['ttft_ms']:.1f}",
-            "prefill tok/s": f"{r['prefill_tps']:.1f}", "decode tok/s": f"{r['decode_tps']:.1f} ± {r['decode_tps_sd']:.1f}",
+            "prefill tok/s": f"{r['prefill_tps']:.1f}",
+            "decode tok/s": f"{r['decode_tps']:.1f} ± {r['decode_tps_sd']:.1f}",
             "itl p50/p90/p99 ms": "/".join(f"{r['itl_ms'][k]:.1f}" for k in ("p50", "p90", "p99")),
-            "peak RSS MB": f"{r['peak_rss_mb']:.0f}",
+            "peak RSS MB": "n/a" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}",
             "vs edgekit": base["peer"],
             "ttft x": f"{r['ttft_ms'] / base['ttft_ms']:.2f}",
             "prefill x": f"{r['prefill_tps'] / base['prefill_tps']:.2f}",
@@ -527,7 +521,7 @@ def main() -> int:
     print("ratios (x) are peer / edgekit of the same precision (edgekit-fp32 when there is no edgekit-int4): "
           "ttft lower is better, tok/s higher is better\n")
     if rows:
-        print(fmt_table(rows))
+        print(format_table(list(rows[0]), rows))
     for peer, why in missing.items():
         print(f"not measured: {peer}: {why}")
     if overhead:

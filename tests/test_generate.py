@@ -52,6 +52,18 @@ def test_a_direct_forward_run_is_never_mistaken_for_cached_tokens(model):
     np.testing.assert_allclose(logits, fresh, atol=1e-5)
 
 
+def test_positions_left_counts_the_room_the_cache_has_left(model):
+    model.reset()
+    room = model.context_length - model.prefix_length
+    assert model.positions_left == room
+    ids = model.encode("Robots need clear rules")
+    model.prefill(ids)
+    model.step(ids[-1])
+    assert model.positions_left == room - len(ids) - 1
+    model.reset()
+    assert model.positions_left == room
+
+
 def test_streamed_pieces_join_to_the_completion_text(model):
     stream = model.stream("Once upon a time", max_new_tokens=20, temperature=0)
     pieces = list(stream)

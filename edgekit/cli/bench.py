@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def _int_list(text: str) -> list[int]:
@@ -93,11 +92,7 @@ def run(args) -> int:
 
 
 def _run_profile(args, threads: int | None, say) -> int:
-    from datetime import datetime, timezone
-
-    import edgekit
-    from edgekit.device import bench, op_profile, sysinfo
-    from edgekit.device.bundle import bundle_hash, read_manifest, to_record
+    from edgekit.device import bench, op_profile
 
     prompt = args.prompt_tokens[0]
     new = min(args.new_tokens, 32)  # decode steps are alike: a few dozen give a stable per-step mean
@@ -105,16 +100,7 @@ def _run_profile(args, threads: int | None, say) -> int:
         "(the profiler slows every run; use plain `edgekit bench` for speed)")
     phases = op_profile.profile_ops(args.bundle, prompt_tokens=prompt, new_tokens=new, threads=threads,
                                     warmup=max(args.warmup, 1))
-    manifest = read_manifest(args.bundle, verify=False)  # profile_ops verified it already
-    report = {
-        "report_format": bench.REPORT_FORMAT, "kind": "profile", "edgekit_version": edgekit.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": sysinfo.machine_description(),
-        "bundle": {"path": str(args.bundle), "name": Path(args.bundle).resolve().name,
-                   "hash": bundle_hash(manifest), "quantization": to_record(manifest.quantization)},
-        "settings": {"prompt_tokens": prompt, "new_tokens": new, "threads": threads},
-        "profile": op_profile.profile_dict(phases),
-    }
+    report = op_profile.profile_report(args.bundle, phases, prompt, new, threads)
     if args.output == "json":
         print(json.dumps(report, indent=1))
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgekit.device.perplexity import DEFAULT_WINDOW, EvalTextError, perplexity, read_eval_text
+from edgekit.device.table import format_table
 from edgekit.errors import UserError
 
 
@@ -92,9 +93,8 @@ def _run_compare(args) -> int:
         label = read_manifest(b, verify=False).quantization.label
         rows.append((b, label, bundle_mb(b), _measure(b, text, window, args)))
     first = rows[0][3].perplexity
-    width = max(len(b) for b in args.bundles)
-    print(f"{'bundle':{width}s}  {'quantization':18s} {'size MB':>9s} {'perplexity':>11s} {'delta':>8s}")
-    for b, label, mb, r in rows:
-        print(f"{b:{width}s}  {label:18s} {mb:9.1f} {r.perplexity:11.4f} {(r.perplexity / first - 1) * 100:+7.2f}%")
+    cells = [(b, label, f"{mb:.1f}", f"{r.perplexity:.4f}", f"{(r.perplexity / first - 1) * 100:+.2f}%")
+             for b, label, mb, r in rows]
+    print(format_table(("bundle", "quantization", "size MB", "perplexity", "delta"), cells, "text", align="<<>>>"))
     print(f"({rows[0][3].tokens} tokens, non-overlapping windows of {window})")
     return 0

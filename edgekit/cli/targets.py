@@ -27,9 +27,10 @@ def register(sub) -> None:
 
 
 def _run_targets(args) -> int:
+    from edgekit.device.table import format_table
     from edgekit.device.targets import available_targets, load_target
 
-    rows = [("NAME", "CPU / ISA", "RAM", "EXECUTION PROVIDERS", "GRAPH", "DEFAULT QUANT", "THREADS")]
+    rows = []
     for name, path in sorted(available_targets().items()):
         t = load_target(path)
         q = t.quantization
@@ -41,9 +42,8 @@ def _run_targets(args) -> int:
         rows.append((name, cpu, f"{ram} GB", eps, t.graph_flavour, quant, str(t.threads or "auto")))
         if args.verbose_paths:
             rows.append(("", str(path), "", "", "", "", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(format_table(("NAME", "CPU / ISA", "RAM", "EXECUTION PROVIDERS", "GRAPH", "DEFAULT QUANT", "THREADS"),
+                       rows, "text"))
     return 0
 
 

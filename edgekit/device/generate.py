@@ -212,7 +212,8 @@ class Model:
             return 0
         length = prefix.length
         if length >= self.context_length:
-            raise InputError(f"the bundle's {length}-token prefix leaves no room in context length {self.context_length}")
+            raise InputError(f"the bundle's {length}-token prefix leaves no room in context length "
+                             f"{self.context_length}")
         try:
             with np.load(self.path / prefix.file) as kv:
                 for name, buf in self._kv.buffers.items():
@@ -276,6 +277,14 @@ class Model:
     def reset(self) -> None:
         """Forget the cached tokens (the next prompt is computed from scratch)."""
         self._cached_ids = []
+
+    @property
+    def positions_left(self) -> int:
+        """How many more tokens fit in the cache: the context length less the prefix and the cached tokens.
+
+        A step() needs one; prefill() and forward() start from the cached tokens they reuse.
+        """
+        return self.context_length - self.prefix_length - len(self._cached_ids)
 
     # -- text in, text out ----------------------------------------------------------
 

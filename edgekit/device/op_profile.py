@@ -23,9 +23,15 @@ import json
 import tempfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
+import edgekit
+from edgekit.device import sysinfo
+from edgekit.device.bench import REPORT_FORMAT, BenchError, prompt_ids
+from edgekit.device.bundle import bundle_hash, read_manifest, to_record
 from edgekit.device.generate import Model
+from edgekit.device.table import format_table
 
 
 @dataclass
@@ -96,18 +102,20 @@ def parse_profile(path: str | Path, labels: list[str], tokens: dict[str, int] | 
                 node_calls[node] += 1
                 node_op[node] = op
 
-        def rows(us: dict[str, float], calls: dict[str, int], op_of) -> list[OpRow]:
-            out = [OpRow(name, op_of(name), calls[name] / n, t / n / 1e3, (t / n) / run_us if run_us else 0.0)
-                   for name, t in us.items()]
-            return sorted(out, key=lambda r: -r.ms_per_run)
-
         phases[label] = PhaseProfile(
             phase=label, runs=n, tokens_per_run=(tokens or {}).get(label, 0),
             run_ms=run_us / 1e3, kernel_ms=sum(op_us.values()) / n / 1e3,
-            by_op=rows(op_us, op_calls, lambda name: name),
-            by_node=rows(node_us, node_calls, lambda name: node_op[name]),
+            by_op=_rows(op_us, op_calls, lambda name: name, n, run_us),
+            by_node=_rows(node_us, node_calls, node_op.get, n, run_us),
         )
     return phases
+
+
+def _rows(us: dict[str, float], calls: dict[str, int], op_of, runs: int, run_us: float) -> list[OpRow]:
+    """Per-run means of one phase's kernel times, slowest first; op_of(name) is a row's operator type."""
+    out = [OpRow(name, op_of(name), calls[name] / runs, t / runs / 1e3, (t / runs) / run_us if run_us else 0.0)
+           for name, t in us.items()]
+    return sorted(out, key=lambda r: -r.ms_per_run)
 
 
 def profile_ops(bundle: str | Path, prompt_tokens: int = 128, new_tokens: int = 16, threads: int | None = None,
@@ -117,8 +125,6 @@ def profile_ops(bundle: str | Path, prompt_tokens: int = 128, new_tokens: int = 
     Opens its own session with the profiler on (profiling slows every run, so this never
     shares a session with timed runs). Returns {"prefill": ..., "decode": ...}.
     """
-    from edgekit.device.bench import BenchError, prompt_ids
-
     with tempfile.TemporaryDirectory(prefix="edgekit-profile-") as tmp:
         model = Model(bundle, threads=threads, providers=providers, profile_prefix=Path(tmp) / "ort")
         if model.prefix_length + prompt_tokens + new_tokens + 1 > model.context_length:
@@ -140,8 +146,6 @@ def profile_ops(bundle: str | Path, prompt_tokens: int = 128, new_tokens: int = 
 
 def format_profile(phases: dict[str, PhaseProfile], top_nodes: int = 12) -> str:
     """Markdown tables: time by operator type, then the slowest nodes, for each phase."""
-    from edgekit.device.bench import markdown_table
-
     parts = []
     for p in phases.values():
         what = f"{p.tokens_per_run} tokens" if p.tokens_per_run != 1 else "1 token"
@@ -149,16 +153,30 @@ def format_profile(phases: dict[str, PhaseProfile], top_nodes: int = 12) -> str:
                      f"{p.kernel_ms:.2f} ms in kernels, {p.outside_kernels_ms:.2f} ms outside kernels "
                      f"({p.outside_kernels_ms / p.run_ms:.0%})" if p.run_ms else f"## {p.phase}")
         parts.append("")
-        rows = [{"op type": r.name, "calls/run": f"{r.calls_per_run:.0f}", "ms/run": f"{r.ms_per_run:.3f}",
-                 "% of run": f"{r.share:.1%}"} for r in p.by_op]
-        parts += [markdown_table(rows), ""]
-        rows = [{"node": r.name, "op type": r.op, "ms/run": f"{r.ms_per_run:.3f}", "% of run": f"{r.share:.1%}"}
-                for r in p.by_node[:top_nodes]]
+        rows = [(r.name, f"{r.calls_per_run:.0f}", f"{r.ms_per_run:.3f}", f"{r.share:.1%}") for r in p.by_op]
+        parts += [format_table(("op type", "calls/run", "ms/run", "% of run"), rows), ""]
+        rows = [(r.name, r.op, f"{r.ms_per_run:.3f}", f"{r.share:.1%}") for r in p.by_node[:top_nodes]]
         parts += [f"slowest {min(top_nodes, len(p.by_node))} of {len(p.by_node)} nodes:", "",
-                  markdown_table(rows), ""]
+                  format_table(("node", "op type", "ms/run", "% of run"), rows), ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
 def profile_dict(phases: dict[str, PhaseProfile]) -> dict:
     """JSON-ready form of a profile, for the report."""
     return {name: {**asdict(p), "outside_kernels_ms": p.outside_kernels_ms} for name, p in phases.items()}
+
+
+def profile_report(bundle: str | Path, phases: dict[str, PhaseProfile], prompt_tokens: int, new_tokens: int,
+                   threads: int | None) -> dict:
+    """The JSON report of `edgekit bench --profile-ops` (kind "profile"): machine, bundle, settings and the
+    profile of profile_ops(), for bench.write_report."""
+    manifest = read_manifest(bundle, verify=False)  # profile_ops verified it already
+    return {
+        "report_format": REPORT_FORMAT, "kind": "profile", "edgekit_version": edgekit.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": sysinfo.machine_description(),
+        "bundle": {"path": str(bundle), "name": Path(bundle).resolve().name,
+                   "hash": bundle_hash(manifest), "quantization": to_record(manifest.quantization)},
+        "settings": {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads},
+        "profile": profile_dict(phases),
+    }

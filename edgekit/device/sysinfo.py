@@ -107,10 +107,14 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_mb() -> float | None:
-    """This process's peak resident memory since start (or since reset_peak_rss), in MB."""
-    hwm = _status_mb("VmHWM")
-    if hwm is not None:
+def peak_rss_mb(pid: int | None = None) -> float | None:
+    """This process's peak resident memory since start (or since reset_peak_rss), in MB.
+
+    With `pid`, that of another process of this user, read from /proc (None where there is no
+    /proc): a benchmark reads its child's peak without the child importing anything to report it.
+    """
+    hwm = _status_mb("VmHWM", pid)
+    if hwm is not None or pid is not None:
         return hwm
     try:
         import resource
@@ -166,7 +170,7 @@ class Sampler:
         while not self._stop.wait(self._interval):
             self._sample()
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         if self._has_temp or self._has_freq:
             self._sample()
             self._thread = threading.Thread(target=self._loop, name="edgekit-sysinfo", daemon=True)
@@ -196,7 +200,8 @@ def _cpuinfo_value(cpuinfo: str, key: str) -> str | None:
 
 
 def _physical_cores(cpuinfo: str) -> int | None:
-    pairs = set(re.findall(r"^physical id\s*:\s*(\d+)\s*$.*?^core id\s*:\s*(\d+)\s*$", cpuinfo, re.MULTILINE | re.DOTALL))
+    pairs = set(re.findall(r"^physical id\s*:\s*(\d+)\s*$.*?^core id\s*:\s*(\d+)\s*$", cpuinfo,
+                           re.MULTILINE | re.DOTALL))
     if pairs:
         return len(pairs)
     # Arm kernels list one "processor" block per core and no physical/core ids
@@ -209,8 +214,9 @@ def _meminfo_mb(key: str) -> float | None:
     return round(int(m.group(1)) / 1024.0, 1) if m else None
 
 
-def _status_mb(key: str) -> float | None:
-    m = re.search(rf"^{key}:\s*(\d+) kB", _read("/proc/self/status") or "", re.MULTILINE)
+def _status_mb(key: str, pid: int | None = None) -> float | None:
+    status = _read(f"/proc/{'self' if pid is None else pid}/status") or ""
+    m = re.search(rf"^{key}:\s*(\d+) kB", status, re.MULTILINE)
     return int(m.group(1)) / 1024.0 if m else None
 
 
