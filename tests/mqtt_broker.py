@@ -105,7 +105,8 @@ class Broker:
     def url(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
-    def config(self, username: str | None = None, password: str | None = None, client_cert: bool = True) -> BrokerConfig:
+    def config(self, username: str | None = None, password: str | None = None,
+               client_cert: bool = True) -> BrokerConfig:
         """How a service or client reaches this broker; quick reconnects for the tests."""
         tls = self.tls
         return BrokerConfig(url=self.url, username=username, password=password,
@@ -116,6 +117,8 @@ class Broker:
 
     def start(self, timeout: float = 10.0) -> None:
         assert self.proc is None, "already running"
+        # never skipped: an MQTT test without a broker is a missing install step, and CI must say so
+        assert self.available(), f"mosquitto is not installed ({MOSQUITTO}); scripts/test.sh installs it"
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
@@ -194,7 +197,7 @@ class Listener:
         with self._cond:
             return [json.loads(m.payload) for m in self.messages if m.topic == topic]
 
-    def __enter__(self) -> "Listener":
+    def __enter__(self) -> Listener:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -137,7 +137,7 @@ def test_compare_prints_ratios_between_two_reports(report, tmp_path):
     table = [line for line in r.stdout.splitlines() if line.startswith("|")]
     header = [c.strip() for c in table[0].strip("|").split("|")]
     first = [c.strip() for c in table[2].strip("|").split("|")]
-    row = dict(zip(header, first))
+    row = dict(zip(header, first, strict=True))
     assert row["decode tok/s"] == "2.00x" and row["ttft ms"] == "0.25x" and row["prefill tok/s"] == "1.00x"
 
 

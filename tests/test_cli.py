@@ -126,7 +126,8 @@ def test_a_prompt_that_is_not_valid_text_is_one_line(tiny_bundle):
     (["eval", "perplexity", "{bundle}", "--text", "{dir}"], "--text {dir}: no such file"),
     (["bench", "{bundle}", "-n", "2", "-r", "1", "--no-plot", "--report", "{file}"], "--report {file}: cannot write"),
     (["bench", "--compare", "{dir}", "{dir}"], "{dir}: cannot read it"),
-    (["serve", "{bundle}", "--device-id", "d", "--username", "u", "--password-file", "{dir}"], "--password-file {dir}: cannot read it"),
+    (["serve", "{bundle}", "--device-id", "d", "--username", "u", "--password-file", "{dir}"],
+     "--password-file {dir}: cannot read it"),
     (["info", "{broken}"], "{broken}: not a bundle (edgekit.json is missing)"),
 ])
 def test_a_path_edgekit_cannot_read_or_write_is_one_line(argv, says, tiny_bundle, tmp_path):

@@ -7,14 +7,12 @@ import json
 
 import jsonschema
 import pytest
-from mqtt_broker import Broker
 from test_mqtt_service import broker, serve  # noqa: F401  (fixtures)
 from test_tools import TOOLS
 
 from edgekit.device.mqtt import Client, RequestError
 from edgekit.device.mqtt import protocol as proto
 
-pytestmark = pytest.mark.skipif(not Broker.available(), reason="mosquitto is not installed (scripts/test.sh installs it)")
 ACTION = {"type": "object", "properties": {"action": {"enum": ["pick", "place", "home", "stop"]},
                                            "object": {"type": ["string", "null"], "maxLength": 20}},
           "required": ["action", "object"], "additionalProperties": False}

@@ -22,8 +22,6 @@ from edgekit.device import Model
 from edgekit.device.mqtt import BrokerConfig, Client, Limits, RequestError, Service, ServiceConfig, Topics
 from edgekit.device.mqtt.journal import Journal
 
-pytestmark = pytest.mark.skipif(not Broker.available(), reason="mosquitto is not installed (scripts/test.sh installs it)")
-
 T = Topics()
 
 
@@ -332,7 +330,7 @@ def test_service_sigkilled_mid_run_and_restarted_leaves_no_accepted_request_unan
                 wire.wait_for(lambda msgs: json.loads(msgs[-1].payload)["state"] == "offline", timeout=10)
                 proc = _serve_process(tiny_bundle, broker, journal)
                 outcomes = []
-                for prompt, pending in zip(prompts, pendings):
+                for prompt, pending in zip(prompts, pendings, strict=True):
                     try:
                         outcomes.append(pending.result().text == greedy(local_model, prompt, 12))
                     except RequestError as e:

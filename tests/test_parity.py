@@ -40,7 +40,7 @@ def check_parity(bundle, hf_model, tokenizer, decode_steps: int = 16) -> float:
     got = [model.forward(ids, 0, all_logits=True)]
     for k, tok in enumerate(steps):
         got.append(model.forward([tok], len(ids) + k)[0])
-    worst = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
+    worst = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
     assert got[0].shape == want[0].shape
     return worst
 

@@ -1,7 +1,8 @@
 """`edgekit serve` and `edgekit ask`: the MQTT service and a client that streams an answer.
 
     edgekit serve BUNDLE --broker mqtt://localhost:1883 --device-id arm-01
-    edgekit serve BUNDLE --broker mqtts://broker.local:8883 --cafile ca.pem --username arm-01 --password-file /etc/edgekit/pw
+    edgekit serve BUNDLE --broker mqtts://broker.local:8883 --cafile ca.pem \
+        --username arm-01 --password-file /etc/edgekit/pw
     edgekit ask --broker mqtt://localhost:1883 --device-id arm-01 "Pick up the red cube"
 """
 

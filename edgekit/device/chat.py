@@ -115,7 +115,7 @@ def _render_pieces(chat: dict, messages: Sequence[dict], add_generation_prompt: 
             ) from None
 
     out = [piece("start", roles[0]), messages[0]["content"] or ""]
-    for prev, m in zip(roles, messages[1:]):
+    for prev, m in zip(roles, messages[1:], strict=False):
         out += [piece("joint", f"{prev}>{m['role']}"), m["content"] or ""]
     out.append(piece("generation" if add_generation_prompt else "end", roles[-1]))
     return "".join(out)

@@ -84,7 +84,7 @@ class GrowingCache:
             kind, i = name.split(".")
             feeds[f"past_key_values.{i}.{kind}"] = buf[:, :, :past]
         logits = None
-        for name, value in zip(self.outputs, self.session.run(self.outputs, feeds)):
+        for name, value in zip(self.outputs, self.session.run(self.outputs, feeds), strict=True):
             if name == "logits":
                 logits = value
             else:  # present.{i}.{kind}: (1, kv_heads, past + n, head_size)

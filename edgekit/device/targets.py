@@ -136,20 +136,23 @@ def parse_target(raw: Any, source: str = "<profile>") -> Target:
         raise bad("graph_flavour", f"must be one of {', '.join(FLAVOURS)}, got {json.dumps(raw['graph_flavour'])}")
     q = raw["quantization"]
     if q.get("method") not in QUANT_METHODS:
-        raise bad("quantization.method", f"must be one of {', '.join(QUANT_METHODS)}, got {json.dumps(q.get('method'))}")
+        raise bad("quantization.method",
+                  f"must be one of {', '.join(QUANT_METHODS)}, got {json.dumps(q.get('method'))}")
     if q["method"] != "none":
         if q.get("bits") not in (4, 8):
             raise bad("quantization.bits", f"must be 4 or 8, got {json.dumps(q.get('bits'))}")
         gs = q.get("group_size")
         if not isinstance(gs, int) or isinstance(gs, bool) or (gs and (gs < 16 or gs & (gs - 1))):
-            raise bad("quantization.group_size", f"must be 0 (per channel) or a power of two >= 16, got {json.dumps(gs)}")
+            raise bad("quantization.group_size",
+                      f"must be 0 (per channel) or a power of two >= 16, got {json.dumps(gs)}")
     if raw["threads"] is not None and raw["threads"] < 1:
         raise bad("threads", f"must be a positive integer or null, got {raw['threads']}")
     if raw["matmulnbits_accuracy_level"] not in (0, 1, 2, 3, 4):
         raise bad("matmulnbits_accuracy_level", f"must be 0..4, got {raw['matmulnbits_accuracy_level']}")
     for k, v in raw["session_config"].items():
         if not isinstance(v, str):
-            raise bad(f"session_config.{k}", f"must be a string (onnxruntime config entries are strings), got {json.dumps(v)}")
+            raise bad(f"session_config.{k}",
+                      f"must be a string (onnxruntime config entries are strings), got {json.dumps(v)}")
     return Target(**raw, path=source)
 
 

@@ -35,7 +35,8 @@ def check_tools(tools: object) -> list[dict]:
             raise ConstraintError(f"tools[{k}].function.parameters must be a JSON schema object")
         names.append(fn["name"])
     if len(set(names)) != len(names):
-        raise ConstraintError(f"two tools share a name: {', '.join(sorted(n for n in set(names) if names.count(n) > 1))}")
+        twice = sorted(n for n in set(names) if names.count(n) > 1)
+        raise ConstraintError(f"two tools share a name: {', '.join(twice)}")
     return tools
 
 

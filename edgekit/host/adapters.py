@@ -417,7 +417,7 @@ def merge_adapters(model: torch.nn.Module, adapters: list[Adapter], combination:
     _give_biases_to(model, adapters)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapters[0].spec.path), adapter_name=names[0])
-        for name, a in zip(names[1:], adapters[1:]):
+        for name, a in zip(names[1:], adapters[1:], strict=True):
             peft_model.load_adapter(str(a.spec.path), adapter_name=name)
         active = names[0]
         if combination is not None:

@@ -24,14 +24,13 @@ Conventions every family delivers:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 
 from edgekit.device.bundle import Architecture
 from edgekit.host.quant.nbits import NBitsWeight, W8A8Weight
 
-Weight = Union[np.ndarray, NBitsWeight, W8A8Weight]  # a Linear's (out, in) weight, fp32 or quantized
+Weight = np.ndarray | NBitsWeight | W8A8Weight  # a Linear's (out, in) weight, fp32 or quantized
 
 
 @dataclass

@@ -10,6 +10,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,8 +43,10 @@ class Source:
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object  # a transformers tokenizer with a fast (tokenizers) backend
+    # transformers' objects are typed Any: a model's config and submodules resolve at run time
+    # (torch types every nn.Module attribute as Tensor | Module), a tokenizer's settings too
+    model: Any  # a transformers PreTrainedModel (CausalLM)
+    tokenizer: Any  # a transformers tokenizer with a fast (tokenizers) backend
     source: Source
 
 

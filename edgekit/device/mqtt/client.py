@@ -65,7 +65,7 @@ class Pending:
     """One request in flight. Iterate for the text pieces as they stream in; `result()`
     waits for the whole answer; `cancel()` asks the device to stop."""
 
-    def __init__(self, client: "Client", topic: str, correlation: bytes, payload: bytes, timeout: float,
+    def __init__(self, client: Client, topic: str, correlation: bytes, payload: bytes, timeout: float,
                  expiry_s: int | None = None, device_id: str | None = None):
         self._client = client
         self.expiry_s = expiry_s
@@ -194,7 +194,7 @@ class Client:
             raise ConnectionError(f"could not connect to {self.config.url} and subscribe within {connect_timeout:g} s: "
                                   f"{self._failure or 'no answer from the broker'}")
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -321,7 +321,8 @@ class Client:
             return f"{len(online)} device(s) online ({', '.join(online[:5])}) but none answered"
         state = self.device_state(device_id)
         if state == "online":
-            return f"the device {device_id} is online but did not answer (busy, or it cannot publish to {self.reply_topic})"
+            return (f"the device {device_id} is online but did not answer (busy, or it cannot publish to "
+                    f"{self.reply_topic})")
         if state == "offline":
             return f"the device {device_id} is not online (its status is offline)"
         return f"the device {device_id} is not online (it has no status on {self.topics.status(device_id)})"

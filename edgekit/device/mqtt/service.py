@@ -405,7 +405,8 @@ class Service:
         ends = [t for t in (expiry and received + expiry, request.deadline) if t]
         expires = min(ends) if ends else None
         if request.deadline is not None and request.deadline <= received:
-            self._reply_error(response_topic, correlation, proto.EXPIRED, "the request's deadline had passed on arrival")
+            self._reply_error(response_topic, correlation, proto.EXPIRED,
+                              "the request's deadline had passed on arrival")
             return
         with self._lock:
             full = len(self._in_flight) >= self.limits.queue

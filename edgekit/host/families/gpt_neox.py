@@ -2,7 +2,8 @@
 
 What differs from Llama:
 - LayerNorm with bias, GELU MLP without a gate (dense_h_to_4h, dense_4h_to_h), biases everywhere,
-  an untied output embedding (embed_out in the checkpoint, lm_head once transformers loads it), rotary on rotary_pct of each head (rotate-half).
+  an untied output embedding (embed_out in the checkpoint, lm_head once transformers loads it),
+  rotary on rotary_pct of each head (rotate-half).
 - q, k and v packed per head in query_key_value: rows (heads, [q | k | v], head_size).
 - Parallel residual (the default): h = h + attn(input_layernorm(h)) + mlp(post_attention_layernorm(h));
   use_parallel_residual=False is Llama's sequential arrangement.

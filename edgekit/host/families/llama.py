@@ -16,6 +16,7 @@ checkpoint's modules for quantization (layer by layer) and adapters.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,8 +89,8 @@ class Llama:
     rotary_interleaved = False  # GPT-J, GLM rotate pairs (2i, 2i + 1)
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.config = model.config
+        self.model: Any = model  # a transformers CausalLM: its config and submodules resolve at run time
+        self.config: Any = model.config
         self.w: dict = {}  # state_dict name -> fp32 array or quantized weight, while describing
 
     # -- what is supported --------------------------------------------------------------------

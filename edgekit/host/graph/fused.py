@@ -224,7 +224,7 @@ def _matmul_w8a8(g: Graph, name: str, x: str, w: W8A8Weight) -> str:
     #
     #   x ─► Abs ─► ReduceMax(K) ─► Div 127 ─► Max eps ──► s_x (..., 1) ───────────────┐
     #   └──────────────────────────────────► Div s_x ─► Round ─► Add 128 ─► Clip ─► Cast u8
-    #                                        ─► MatMulInteger(W u8, zero points 128) ─► Cast f32 ─► Mul s_x ─► Mul s_w ─► y
+    #        ─► MatMulInteger(W u8, zero points 128) ─► Cast f32 ─► Mul s_x ─► Mul s_w ─► y
     k = f"{name}/act_quant"
     (a,) = g.op("Abs", [x], f"{k}/Abs")
     (m,) = g.op("ReduceMax", [a, g.const(f"{k}/axes", np.array([-1], np.int64))], f"{k}/ReduceMax", keepdims=1)

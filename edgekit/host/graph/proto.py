@@ -59,7 +59,7 @@ def branch_of(name: str, *values: str) -> onnx.GraphProto:
     """A subgraph (an If branch) that returns tensors of the outer graph as they are."""
     outs = [helper.make_tensor_value_info(f"{name}/output_{k}", TensorProto.FLOAT, None) for k in range(len(values))]
     nodes = [helper.make_node("Identity", [v], [o.name], name=f"{name}/Identity_{k}")
-             for k, (v, o) in enumerate(zip(values, outs))]
+             for k, (v, o) in enumerate(zip(values, outs, strict=True))]
     return helper.make_graph(nodes, name.replace("/", "_"), [], outs)
 
 

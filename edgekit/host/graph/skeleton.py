@@ -221,7 +221,7 @@ class _Builder:
         initializer through Gemm(transB=1) instead of storing a transposed copy (49152 x 576 x 4 B =
         113 MB for SmolLM2).
 
-            h (B, N, H) ──► Reshape (B*N, H) ──► Gemm(transB, alpha=scale) ──► Reshape (B, N, V) ──► [softcap] ──► logits
+            h (B, N, H) ─► Reshape (B*N, H) ─► Gemm(transB, alpha=scale) ─► Reshape (B, N, V) ─► [softcap] ─► logits
         """
         g = self.g
         out = "/lm_head/output" if d.logits_softcap else "logits"
