@@ -11,6 +11,7 @@ import csv
 import importlib.util
 import io
 import json
+import multiprocessing
 import subprocess
 import sys
 
@@ -186,3 +187,18 @@ def test_generate_stats_prints_one_line_of_timings(tiny_bundle):
     assert r.returncode == 0, r.stderr
     (line,) = [x for x in r.stderr.splitlines() if "ttft" in x]
     assert "prefill" in line and "decode" in line and "tok/s" in line
+
+
+def test_a_background_load_runs_alongside_and_is_recorded(tiny_bundle):
+    from edgekit.device.bench.busy import busy_cpus
+
+    with busy_cpus(1):
+        spinners = [p for p in multiprocessing.active_children() if p.is_alive()]
+        assert len(spinners) == 1
+    assert not any(p.is_alive() for p in spinners)  # stopped when the block ends
+    report = bench.run_benchmark(tiny_bundle, bench.BenchOptions(prompt_tokens=[8], new_tokens=4, runs=1, warmup=0,
+                                                                 background_load=1))
+    assert report["settings"]["background_load"] == 1
+    assert "1 busy process(es) alongside" in bench.format_markdown(report)
+    with pytest.raises(bench.BenchError, match="--background-load must be 0 or more"):
+        bench.run_benchmark(tiny_bundle, bench.BenchOptions(background_load=-1))

@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--report", default="out", metavar="DIR",
                    help="folder for the JSON report and the PNG plot (default: out)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
+    p.add_argument("--background-load", type=int, default=0, metavar="N",
+                   help="run N processes spinning on the CPU meanwhile, as a busy device would (default: 0)")
     p.add_argument("--profile-ops", action="store_true",
                    help="instead of timing, profile the operators (onnxruntime's profiler) at the first prompt "
                         "length and thread count: time by operator type and by node, prefill and decode")
@@ -73,7 +75,7 @@ def run(args) -> int:
         return _run_profile(args, threads[0], say)
 
     options = bench.BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
-                                 warmup=args.warmup, threads=threads)
+                                 warmup=args.warmup, threads=threads, background_load=args.background_load)
     report = bench.run_benchmark(args.bundle, options, progress=say)
     if args.output == "md":
         print(bench.format_markdown(report))

@@ -63,7 +63,8 @@ def format_markdown(report: BenchReport | dict) -> str:
     rep = as_report(report)
     m = rep.machine
     head = (f"{rep.subject}, {m.get('logical_cores')} cores, onnxruntime {m.get('onnxruntime')}, "
-            f"{rep.settings.runs} runs after {rep.settings.warmup} warm-up")
+            f"{rep.settings.runs} runs after {rep.settings.warmup} warm-up"
+            + (f", {rep.settings.background_load} busy process(es) alongside" if rep.settings.background_load else ""))
     notes = []
     if all(r.cpu.temperature_c is None for r in rep.results):
         notes.append("CPU temperature: not available on this system")

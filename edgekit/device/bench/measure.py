@@ -38,6 +38,7 @@ import numpy as np
 
 import edgekit
 from edgekit.device import sysinfo
+from edgekit.device.bench.busy import busy_cpus
 from edgekit.device.bench.report import (
     REPORT_FORMAT,
     BenchError,
@@ -203,6 +204,7 @@ class BenchOptions:
     warmup: int = 1
     threads: list[int | None] = field(default_factory=lambda: [None])
     providers: list[str] | None = None
+    background_load: int = 0  # processes spinning on the CPU while it runs (busy.py)
 
     def check(self) -> None:
         """BenchError for a setting that cannot work, said as the CLI flag that sets it."""
@@ -216,6 +218,8 @@ class BenchOptions:
             raise BenchError(f"--warmup must be 0 or more, got {self.warmup}")
         if not self.threads or any(t is not None and t < 1 for t in self.threads):
             raise BenchError(f"--threads must be positive numbers, got {self.threads}")
+        if self.background_load < 0:
+            raise BenchError(f"--background-load must be 0 or more, got {self.background_load}")
 
 
 def bundle_description(model: Model) -> BundleInfo:
@@ -251,20 +255,22 @@ def run_benchmark(bundle: str | Path, options: BenchOptions, progress=None) -> d
     results: list[TestResult] = []
     provider = None
     bundle_info = None
-    for threads in options.threads:
-        t0 = time.perf_counter()
-        model = Model(bundle, threads=threads, providers=options.providers)
-        load_s = time.perf_counter() - t0
-        provider = model.provider
-        bundle_info = bundle_info or bundle_description(model)
-        for p in options.prompt_tokens:
-            say(f"threads {threads or 'default'}: pp{p} + tg{options.new_tokens}, "
-                f"{options.warmup} warm-up + {options.runs} runs")
-            try:
-                results.append(run_test(model, load_s, threads, p, options.new_tokens, options.runs, options.warmup))
-            except ContextLengthError as e:
-                raise BenchError(str(e)) from None
-        del model  # free the session before the next thread count loads its own
+    with busy_cpus(options.background_load):
+        for threads in options.threads:
+            t0 = time.perf_counter()
+            model = Model(bundle, threads=threads, providers=options.providers)
+            load_s = time.perf_counter() - t0
+            provider = model.provider
+            bundle_info = bundle_info or bundle_description(model)
+            for p in options.prompt_tokens:
+                say(f"threads {threads or 'default'}: pp{p} + tg{options.new_tokens}, "
+                    f"{options.warmup} warm-up + {options.runs} runs")
+                try:
+                    results.append(run_test(model, load_s, threads, p, options.new_tokens, options.runs,
+                                            options.warmup))
+                except ContextLengthError as e:
+                    raise BenchError(str(e)) from None
+            del model  # free the session before the next thread count loads its own
     return BenchReport(
         report_format=REPORT_FORMAT,
         kind="bench",
@@ -280,6 +286,7 @@ def run_benchmark(bundle: str | Path, options: BenchOptions, progress=None) -> d
             threads=options.threads,
             execution_provider=provider,
             sampling="greedy, EOS ignored",
+            background_load=options.background_load,
         ),
         results=results,
     ).to_dict()

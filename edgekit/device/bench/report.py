@@ -9,7 +9,7 @@ or reordering a field changes the files users keep and compare.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from edgekit.device.bench.stats import Percentiles, Summary
@@ -23,8 +23,9 @@ class BenchError(InputError):
 
 
 def _pick(cls, data: dict):
-    """`cls` (a flat dataclass) from the keys of `data` it names; KeyError for a missing one."""
-    return cls(**{f.name: data[f.name] for f in fields(cls)})
+    """`cls` (a flat dataclass) from the keys of `data` it names; KeyError for a missing one that
+    has no default (a field added since an older report was written has one)."""
+    return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or f.default is MISSING})
 
 
 @dataclass
@@ -118,6 +119,7 @@ class BenchSettings:
     threads: list[int | None]
     execution_provider: str
     sampling: str
+    background_load: int = 0  # processes spinning on the CPU meanwhile (--background-load)
 
 
 @dataclass

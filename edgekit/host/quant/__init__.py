@@ -209,7 +209,7 @@ def _gptq_layer(layer, family, feats: dict, spec: QuantSpec, config: GPTQConfig)
     quantized = {}
     for key, paths in layerwise.readers(family.linears).items():
         ws = [layer.get_submodule(p).weight.data for p in paths]
-        q = gptq(torch.cat(ws), hessian(feats[key]), spec, config)
+        q = gptq(torch.cat(ws), hessian(feats[key], config.sink_weight), spec, config)
         r = np.cumsum([0] + [w.shape[0] for w in ws])
         quantized.update({p: q.take_rows(np.arange(r[j], r[j + 1])) for j, p in enumerate(paths)})
     return quantized
