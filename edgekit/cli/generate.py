@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -31,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the target's)")
     p.add_argument("--stats", action="store_true", help="print one line of timings after the answer")
+    p.add_argument("--prompt-lookup", action=argparse.BooleanOptionalAction,
+                   help="greedy: draft tokens from the prompt's n-grams, verified in one run (default: on when "
+                        "exact, fp32 matmuls; opt-in for int8-compute bundles)")
     c = p.add_argument_group("constrained output (one of)").add_mutually_exclusive_group()
     c.add_argument("--json-schema", metavar="FILE", help="a JSON schema file the answer must follow")
     c.add_argument("--regex", help="a regular expression the whole answer must match")
@@ -70,7 +74,8 @@ def _run_generate(args) -> int:
                           top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                           seed=args.seed, stop=args.stop, min_p=args.min_p,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          logit_bias=_logit_bias(args.logit_bias), top_logprobs=args.logprobs, **constraint)
+                          logit_bias=_logit_bias(args.logit_bias), top_logprobs=args.logprobs,
+                          prompt_lookup=args.prompt_lookup, **constraint)
     for piece in stream:
         if not args.tools:  # a tool call is printed whole once parsed
             sys.stdout.write(piece)

@@ -17,6 +17,7 @@ feeds the new part. A Model is not thread-safe: give each thread its own.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ from edgekit.device import kv_cache
 from edgekit.device import tools as tool_calls
 from edgekit.device.bundle import BundleError, Manifest, bundle_hash, check_graph, read_manifest
 from edgekit.device.constrain import Constraint, ConstraintError, Spec, compile_grammar
-from edgekit.device.sampling import SamplingConfig, sample
+from edgekit.device.lookup import Drafter
+from edgekit.device.sampling import SamplingConfig, plain_greedy, sample
 from edgekit.device.sampling import top_logprobs as top_logprobs_of
 from edgekit.device.session import create_session
 from edgekit.errors import InputError
@@ -88,7 +90,9 @@ class Stats:
     tokenize_s: float = 0.0
     prefill_s: float = 0.0  # the model run over the prompt, up to the first logits
     decode_s: list[float] = field(default_factory=list)  # one model run per generated token after the first
-    decode_tokens: int = 0  # tokens those runs fed: more than runs when a grammar forced some
+    decode_tokens: int = 0  # tokens those runs output: more than runs when a grammar forced some or a draft held
+    drafted_tokens: int = 0  # prompt lookup: tokens guessed from the context's n-grams
+    accepted_tokens: int = 0  # the guesses greedy decoding agreed with
     sample_s: float = 0.0
     detokenize_s: float = 0.0
 
@@ -107,7 +111,9 @@ class Stats:
         return (
             f"prompt {self.prompt_tokens} tok ({self.cached_tokens} cached) | "
             f"ttft {self.time_to_first_token_s * 1e3:.1f} ms | prefill {prefill_tps:.1f} tok/s | "
-            f"{self.new_tokens} new tok, decode {self.decode_tokens_per_s:.1f} tok/s | "
+            f"{self.new_tokens} new tok, decode {self.decode_tokens_per_s:.1f} tok/s"
+            + (f" ({self.accepted_tokens}/{self.drafted_tokens} drafted tokens kept)" if self.drafted_tokens else "")
+            + " | "
             f"tokenize {self.tokenize_s * 1e3:.2f} ms, sample {self.sample_s * 1e3:.2f} ms"
         )
 
@@ -264,6 +270,27 @@ class Model:
                 "shorten the prompt (at least one position must be left to generate into)"
             )
 
+    @property
+    def exact_multi_token_runs(self) -> bool:
+        """Whether a run over several tokens gives each the logits single steps would: true for fp32
+        matmuls; not for int8 compute (MatMulNBits at accuracy_level 4), whose kernels for one row
+        and for several differ (measured: logits apart by up to 1.1 on SmolLM2 int4, onnxruntime 1.32)."""
+        q = self.manifest.quantization
+        return q.method == "none" or (q.accuracy_level is not None and q.accuracy_level < 4)
+
+    def _verify(self, tokens: list[int], draft: list[int]) -> tuple[np.ndarray, list[int]]:
+        """Feed `tokens` then `draft` in one run; keep the draft's longest prefix that greedy decoding
+        would choose itself. Returns the logits after the last kept token and that prefix; the
+        rest of the draft is dropped from the cache (its positions are written again later)."""
+        base = len(self._cached_ids)
+        rows = self.forward(tokens + draft, base, all_logits=True)  # (len(tokens) + len(draft), vocab)
+        greedy = rows[len(tokens) - 1:].argmax(-1)  # the token greedy picks after each fed position
+        agreed = 0
+        while agreed < len(draft) and greedy[agreed] == draft[agreed]:
+            agreed += 1
+        self._cached_ids.extend(tokens + draft[:agreed])
+        return rows[len(tokens) - 1 + agreed], draft[:agreed]
+
     def step(self, token_id: int) -> np.ndarray:
         """Feed one token after the cached ones; logits (vocab,)."""
         return self._feed([token_id])
@@ -337,6 +364,7 @@ class Model:
         frequency_penalty: float | None = None,
         logit_bias: dict[int, float] | None = None,
         top_logprobs: int | None = None,
+        prompt_lookup: bool | None = None,
     ) -> Stream:
         """Generate from `prompt` (text, or a list of chat messages), yielding text as it comes.
 
@@ -350,6 +378,14 @@ class Model:
         ("required", or {"type": "function", "function": {"name": N}}) or may not ("none"); a call is
         constrained to a tool's name and parameters schema, and parsed into `completion.tool_calls`.
         `chat_template_kwargs` go to the chat template (Qwen3: {"enable_thinking": False}).
+
+        `prompt_lookup`: greedy decoding without penalties, bias, constraint or log-probabilities
+        drafts tokens from n-grams already in the context and verifies them in the run of the
+        sampled token (device/lookup.py), in fewer model runs when the answer repeats the prompt.
+        None (the default) does so when the verifying run computes what single steps compute
+        (fp32 matmuls: the same tokens); int8-compute bundles (int4 weights at MatMulNBits
+        accuracy_level 4) round differently in a multi-token run, so there it is opt-in (True):
+        as greedy, but not always the same tokens as one step at a time. False: never.
         `top_logprobs` N: each sampled token's log-probability and the model's N likeliest tokens go to
         `completion.logprobs` (tokens a grammar forced have none: the model did not choose them).
         """
@@ -379,8 +415,11 @@ class Model:
         ids = self.encode(prompt, tools, chat_template_kwargs)
         stats.tokenize_s = time.perf_counter() - t0
         self._check_fits(len(ids))
+        if prompt_lookup is None:
+            prompt_lookup = self.exact_multi_token_runs
+        lookup = prompt_lookup and plain_greedy(cfg) and constraint is None and top_logprobs is None
         return Stream(lambda s: self._generate(ids, cfg, max_new, stop, stats, s, constraint, tools is not None,
-                                               top_logprobs))
+                                               top_logprobs, lookup))
 
     @functools.cached_property
     def guide_tokenizer(self):
@@ -401,10 +440,14 @@ class Model:
 
     def _generate(self, ids: list[int], cfg: SamplingConfig, max_new: int, stop: list[str], stats: Stats,
                   stream: Stream, constraint: Constraint | None, with_tools: bool = False,
-                  top_logprobs: int | None = None) -> Iterator[str]:
+                  top_logprobs: int | None = None, lookup: bool = False) -> Iterator[str]:
         """The decode loop: sample, check, yield text, feed the token (and any the grammar forces).
 
             logits ──► [mask to the grammar] ──► sample ──► EOS? stop string? limits? ──► feed [token, *forced]
+                                                                                             [+ draft, verified]
+
+        With `lookup` (plain greedy), the run that feeds the token also feeds a draft from the
+        context's n-grams; the draft's prefix the model agrees with is output next without a run.
         """
         rng = np.random.default_rng(cfg.seed)
         stats.prompt_tokens = len(ids)
@@ -423,6 +466,8 @@ class Model:
         feed: list[int] = constraint.forced() if constraint else []  # the grammar may fix the first tokens
         if feed:
             constraint.consume(feed)
+        drafter = Drafter(ids) if lookup else None
+        in_cache = False  # feed's keys and values are already cached: a draft the model agreed with
         while True:
             if not feed:
                 t = time.perf_counter()
@@ -475,14 +520,29 @@ class Model:
                 break
             if len(out) >= max_new:
                 break
+            if drafter is not None:
+                drafter.add(feed)
+            if in_cache:  # a draft the model agreed with: its logits came with the run that verified it
+                in_cache, feed = False, []
+                continue
             if self.prefix_length + len(self._cached_ids) + len(feed) >= self.context_length:
                 finish = "context"
                 break
+            # as the check above: a run never fills the cache's last position
+            room = self.context_length - self.prefix_length - len(self._cached_ids) - len(feed) - 1
+            draft = drafter.draft(min(room, max_new - len(out))) if drafter is not None else []
+            draft = list(itertools.takewhile(lambda i: i not in self.eos_token_ids, draft))
             t = time.perf_counter()
-            logits = self._feed(feed)  # the sampled token and what the grammar forces after it: one run
+            if draft:
+                logits, agreed = self._verify(feed, draft)
+                stats.drafted_tokens += len(draft)
+                stats.accepted_tokens += len(agreed)
+                drafter.took(len(draft), len(agreed))
+            else:
+                logits, agreed = self._feed(feed), []  # the sampled token and what the grammar forces: one run
             stats.decode_s.append(time.perf_counter() - t)
-            stats.decode_tokens += len(feed)
-            feed = []
+            stats.decode_tokens += len(feed) + len(agreed)
+            feed, in_cache = agreed, bool(agreed)
         if len(text) > emitted:
             yield text[emitted:]
         stats.new_tokens = len(out)

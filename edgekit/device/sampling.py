@@ -162,6 +162,12 @@ def distribution(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray,
     return order[keep], probs[keep]
 
 
+def plain_greedy(cfg: SamplingConfig) -> bool:
+    """True when sample() is the argmax of the logits alone: greedy, no penalty, no bias."""
+    return (cfg.temperature == 0.0 and cfg.repetition_penalty == 1.0 and not cfg.presence_penalty
+            and not cfg.frequency_penalty and not cfg.logit_bias)
+
+
 def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator, seen: np.ndarray,
            generated: np.ndarray | None = None) -> int:
     """Pick one token id from `logits` (vocab,) given the ids `seen` so far (the prompt's and the

@@ -194,7 +194,7 @@ def quantize(loaded, family, arch, weights: dict, options, say: Callable[[str], 
     }
     if method == "gptq":
         record.update(percdamp=gptq_config.percdamp, act_order=gptq_config.act_order,
-                      lazy_block=gptq_config.block_size)
+                      lazy_block=gptq_config.block_size, sink_weight=gptq_config.sink_weight, mse=gptq_config.mse)
     elif method == "awq":
         record.update(n_grid=awq_config.n_grid, search_tokens=awq_config.search_tokens, clip=awq_config.clip)
     elif method == "smoothquant":
