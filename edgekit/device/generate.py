@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -131,7 +132,7 @@ class Completion:
 class Stream:
     """Iterate for text pieces as they are generated; `completion` is set when done."""
 
-    def __init__(self, steps: Callable[[Stream], Iterator[str]]):
+    def __init__(self, steps: Callable[[Stream], Generator[str, None, Completion]]):
         self.completion: Completion | None = None
         self.stop_reason: str | None = None
         self._steps = steps(self)
@@ -362,8 +363,10 @@ class Model:
             spec = tool_calls.constraint_for(tools, tool_choice)
         stop = [stop] if isinstance(stop, str) else list(stop)
         gen = self.manifest.generation
-        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
-                 "min_p": min_p, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty}
+        # Any: an int (top_k) among floats, each checked by SamplingConfig as a caller gave it
+        given: dict[str, Any] = {
+            "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
+            "min_p": min_p, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty}
         cfg = SamplingConfig(seed=seed, logit_bias=logit_bias, **{  # settings not given take the bundle's defaults
             k: v if v is not None else getattr(gen, k) for k, v in given.items() if v is not None or hasattr(gen, k)})
         if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int)
@@ -401,7 +404,7 @@ class Model:
 
     def _generate(self, ids: list[int], cfg: SamplingConfig, max_new: int, stop: list[str], stats: Stats,
                   stream: Stream, constraint: Constraint | None, with_tools: bool = False,
-                  top_logprobs: int | None = None) -> Iterator[str]:
+                  top_logprobs: int | None = None) -> Generator[str, None, Completion]:
         """The decode loop: sample, check, yield text, feed the token (and any the grammar forces).
 
             logits ──► [mask to the grammar] ──► sample ──► EOS? stop string? limits? ──► feed [token, *forced]
@@ -420,9 +423,11 @@ class Model:
         finish = "length"
         text = ""
         detok = Detokenizer(self.tokenizer)
-        feed: list[int] = constraint.forced() if constraint else []  # the grammar may fix the first tokens
-        if feed:
-            constraint.consume(feed)
+        feed: list[int] = []
+        if constraint:
+            feed = constraint.forced()  # the grammar may fix the first tokens
+            if feed:
+                constraint.consume(feed)
         while True:
             if not feed:
                 t = time.perf_counter()
@@ -437,6 +442,7 @@ class Model:
                 token = sample(logits, cfg, rng, seen, np.asarray(out, np.int64))
                 stats.sample_s += time.perf_counter() - t
                 if logprobs is not None:
+                    assert top_logprobs is not None  # logprobs are kept only when asked for
                     logprobs.append(self._logprob(raw, token, top_logprobs))
                 if token in self.eos_token_ids:
                     finish = "eos"
