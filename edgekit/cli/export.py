@@ -68,6 +68,6 @@ def _run_export(args) -> int:
                                 lm_head_bits=args.lm_head_bits, flavour=args.flavour,
                                 chat_template=args.chat_template,
                                 fit_context=args.fit_context, **({"target": t.path} if t else {}))
-        out = Path(args.out) / t.name if len(targets) > 1 else args.out  # several targets: one folder each
+        out = Path(args.out) / t.name if t and len(targets) > 1 else args.out  # several targets: one folder each
         print(export(args.source, out, options))
     return 0

@@ -81,6 +81,7 @@ def _run_generate(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
     done = stream.completion
+    assert done is not None  # set once the stream is iterated to its end
     if args.tools:
         sys.stdout.write(json.dumps(done.tool_calls) if done.tool_calls else done.text)
     sys.stdout.write("\n")

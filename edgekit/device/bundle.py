@@ -184,8 +184,8 @@ _SECTIONS = {"architecture": Architecture, "quantization": Quantization, "target
              "generation": Generation, "source": Source, "prefix": Prefix}
 _POSITIVE = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_size", "vocab_size", "context_length")
 # a field's annotation -> the JSON values it accepts (an int is a number; a bool is neither)
-_KINDS = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict, "list": list,
-          "None": type(None)}
+_KINDS: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float), "bool": bool,
+                                              "dict": dict, "list": list, "None": type(None)}
 _KIND_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
                "dict": "an object", "list": "a list", "None": "null"}
 

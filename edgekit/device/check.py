@@ -131,7 +131,7 @@ def check_operators(operators: list[str], providers: list[str]) -> OperatorRepor
     report = OperatorReport(list(providers))
     cpu = cpu_kernels() if "CPUExecutionProvider" in providers else None
     for op in operators:
-        reasons = []
+        reasons: list[str] = []
         for p in providers:
             ok, why = implements(p, op, cpu)
             if ok:
@@ -310,9 +310,10 @@ def check_bundle(bundle: str | Path, target: str | None = None, ram_gb: float | 
     target to check against; InputError for a context length beyond the bundle's."""
     m = read_manifest(bundle)
     built_for = m.target.name
-    if not (target or built_for):
+    name = target or built_for
+    if not name:
         raise TargetError(f"{bundle} records no target; pass --target (see `edgekit targets`)")
-    profile = load_target(target or built_for).manifest_dict()
+    profile = load_target(name).manifest_dict()
     arch = m.architecture
     flavour = m.graph.flavour
     ctx = context_length or arch.context_length

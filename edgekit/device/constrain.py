@@ -32,7 +32,7 @@ class ConstraintError(InputError):
 class Spec:
     """What to constrain to: exactly one of the three."""
 
-    json_schema: dict | str | None = None
+    json_schema: dict | str | bool | None = None  # a bool is JSON Schema's "anything" (true) or "nothing" (false)
     regex: str | None = None
     grammar: str | None = None  # Lark syntax, as llguidance reads it (may embed %json {...})
 
@@ -85,6 +85,7 @@ def compile_grammar(spec: Spec, tokenizer) -> str:
     elif spec.regex is not None:
         grammar = LLMatcher.grammar_from_regex(spec.regex)
     else:
+        assert spec.grammar is not None  # Spec.of gives exactly one of the three
         if len(spec.grammar) > MAX_GRAMMAR_BYTES:
             raise ConstraintError(f"the grammar is larger than {MAX_GRAMMAR_BYTES} bytes")
         grammar = LLMatcher.grammar_from_lark(spec.grammar)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -137,7 +138,7 @@ class Completion:
 class Stream:
     """Iterate for text pieces as they are generated; `completion` is set when done."""
 
-    def __init__(self, steps: Callable[[Stream], Iterator[str]]):
+    def __init__(self, steps: Callable[[Stream], Generator[str, None, Completion]]):
         self.completion: Completion | None = None
         self.stop_reason: str | None = None
         self._steps = steps(self)
@@ -398,8 +399,10 @@ class Model:
             spec = tool_calls.constraint_for(tools, tool_choice)
         stop = [stop] if isinstance(stop, str) else list(stop)
         gen = self.manifest.generation
-        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
-                 "min_p": min_p, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty}
+        # Any: an int (top_k) among floats, each checked by SamplingConfig as a caller gave it
+        given: dict[str, Any] = {
+            "temperature": temperature, "top_k": top_k, "top_p": top_p, "repetition_penalty": repetition_penalty,
+            "min_p": min_p, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty}
         cfg = SamplingConfig(seed=seed, logit_bias=logit_bias, **{  # settings not given take the bundle's defaults
             k: v if v is not None else getattr(gen, k) for k, v in given.items() if v is not None or hasattr(gen, k)})
         if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int)
@@ -440,7 +443,7 @@ class Model:
 
     def _generate(self, ids: list[int], cfg: SamplingConfig, max_new: int, stop: list[str], stats: Stats,
                   stream: Stream, constraint: Constraint | None, with_tools: bool = False,
-                  top_logprobs: int | None = None, lookup: bool = False) -> Iterator[str]:
+                  top_logprobs: int | None = None, lookup: bool = False) -> Generator[str, None, Completion]:
         """The decode loop: sample, check, yield text, feed the token (and any the grammar forces).
 
             logits ──► [mask to the grammar] ──► sample ──► EOS? stop string? limits? ──► feed [token, *forced]
@@ -463,9 +466,11 @@ class Model:
         finish = "length"
         text = ""
         detok = Detokenizer(self.tokenizer)
-        feed: list[int] = constraint.forced() if constraint else []  # the grammar may fix the first tokens
-        if feed:
-            constraint.consume(feed)
+        feed: list[int] = []
+        if constraint:
+            feed = constraint.forced()  # the grammar may fix the first tokens
+            if feed:
+                constraint.consume(feed)
         drafter = Drafter(ids) if lookup else None
         in_cache = False  # feed's keys and values are already cached: a draft the model agreed with
         while True:
@@ -482,6 +487,7 @@ class Model:
                 token = sample(logits, cfg, rng, seen, np.asarray(out, np.int64))
                 stats.sample_s += time.perf_counter() - t
                 if logprobs is not None:
+                    assert top_logprobs is not None  # logprobs are kept only when asked for
                     logprobs.append(self._logprob(raw, token, top_logprobs))
                 if token in self.eos_token_ids:
                     finish = "eos"
@@ -533,7 +539,7 @@ class Model:
             draft = drafter.draft(min(room, max_new - len(out))) if drafter is not None else []
             draft = list(itertools.takewhile(lambda i: i not in self.eos_token_ids, draft))
             t = time.perf_counter()
-            if draft:
+            if drafter is not None and draft:
                 logits, agreed = self._verify(feed, draft)
                 stats.drafted_tokens += len(draft)
                 stats.accepted_tokens += len(agreed)

@@ -36,8 +36,9 @@ class SharedBuffer:
         self.one_row = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, vocab_size), np.float32)
         # A decode step's inputs live in numpy arrays that stay bound: a step writes four numbers in place
         # instead of binding four new inputs (which copies each and costs more than the writes)
-        self.step = {"input_ids": np.zeros((1, 1), np.int64), "seqlens_k": np.zeros(1, np.int32),
-                     "total_sequence_length": np.zeros((), np.int32), "num_logits_to_keep": np.ones(1, np.int64)}
+        self.step: dict[str, np.ndarray] = {
+            "input_ids": np.zeros((1, 1), np.int64), "seqlens_k": np.zeros(1, np.int32),
+            "total_sequence_length": np.zeros((), np.int32), "num_logits_to_keep": np.ones(1, np.int64)}
         self.step_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.step.items()}
         self.step_bound = False
 

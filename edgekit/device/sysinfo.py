@@ -41,6 +41,7 @@ def machine_description() -> dict:
     model = _cpuinfo_value(cpuinfo, "model name") or _cpuinfo_value(cpuinfo, "Model") or platform.processor() or None
     # Raspberry Pi kernels report "Model : Raspberry Pi 5 ..." and no "model name" per core
     board = (_read("/proc/device-tree/model") or "").strip("\x00\n ") or None
+    zone = _cpu_thermal_zone()
     return {
         "hostname": platform.node(),
         "board": board,
@@ -59,7 +60,7 @@ def machine_description() -> dict:
         "numpy": np.__version__,
         "cpu_governor": (_read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") or "").strip() or None,
         "cpu_max_mhz": _khz_to_mhz(_read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")),
-        "temperature_sensor": _cpu_thermal_zone()[1] if _cpu_thermal_zone() else None,
+        "temperature_sensor": zone[1] if zone else None,
     }
 
 

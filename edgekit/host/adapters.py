@@ -32,7 +32,7 @@ import torch
 
 from edgekit.device.bundle import sha256_file
 from edgekit.errors import ExportError
-from edgekit.host.load import SHIPPED, LoadedModel
+from edgekit.host.load import SHIPPED, CausalLM, LoadedModel
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -280,7 +280,7 @@ def _module_names(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if n}
 
 
-def _check_target_modules(adapter: Adapter, model: torch.nn.Module) -> None:
+def _check_target_modules(adapter: Adapter, model: CausalLM) -> None:
     targets = adapter.config.get("target_modules")
     modules = _module_names(model)
     leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if not list(m.children())})
@@ -299,7 +299,7 @@ def _check_target_modules(adapter: Adapter, model: torch.nn.Module) -> None:
                               f"(its modules: {', '.join(leaves)}); the adapter was made for another architecture")
 
 
-def _check_tensor_shapes(adapter: Adapter, model: torch.nn.Module) -> None:
+def _check_tensor_shapes(adapter: Adapter, model: CausalLM) -> None:
     """Every saved tensor adapts a module the model has, with matching in/out sizes."""
     modules = _module_names(model)
     where = f"adapter {adapter.spec.name}"
@@ -344,7 +344,7 @@ def _expected_shape(module: torch.nn.Module, param: list[str], shape: tuple[int,
     return None
 
 
-def _check_prefix_shapes(adapter: Adapter, model: torch.nn.Module) -> None:
+def _check_prefix_shapes(adapter: Adapter, model: CausalLM) -> None:
     """peft sizes a LLaMA prefix per layer as (kv_heads, P, head_size) for keys and for values."""
     c, mc = adapter.config, model.config
     kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
@@ -445,7 +445,7 @@ def _unit_scaling(peft_model, name: str) -> None:
             module.scaling[name] = 1.0
 
 
-def _untie_if_adapted(model: torch.nn.Module, adapters: list[Adapter]) -> None:
+def _untie_if_adapted(model: CausalLM, adapters: list[Adapter]) -> None:
     """A merge into a tied lm_head would also change the input embedding (one tensor), which peft's
     unmerged model does not do; give lm_head its own copy first. The graph then stores both."""
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
@@ -483,7 +483,7 @@ def _give_biases_to(model: torch.nn.Module, adapters: list[Adapter]) -> None:
 
 
 @torch.no_grad()
-def prefix_kv(model: torch.nn.Module, adapter: Adapter) -> np.ndarray:
+def prefix_kv(model: CausalLM, adapter: Adapter) -> np.ndarray:
     """The prefix keys and values peft feeds the model for `adapter`: (layers, 2, kv_heads, P, head_size).
 
     Taken from peft's own get_prompt (which also resolves a saved prefix projection), so the

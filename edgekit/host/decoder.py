@@ -154,10 +154,17 @@ def rows(w: Weight, index: np.ndarray) -> Weight:
 
 
 def stack_rows(ws: list[Weight]) -> Weight:
-    """Weights stacked along the output dimension (q, k, v -> qkv)."""
-    if isinstance(ws[0], np.ndarray):
-        return np.concatenate(ws, axis=0)
-    return type(ws[0]).stack(ws)
+    """Weights of one kind stacked along the output dimension (q, k, v -> qkv)."""
+    arrays = [w for w in ws if isinstance(w, np.ndarray)]
+    nbits = [w for w in ws if isinstance(w, NBitsWeight)]
+    w8a8 = [w for w in ws if isinstance(w, W8A8Weight)]
+    if len(arrays) == len(ws):
+        return np.concatenate(arrays, axis=0)
+    if len(nbits) == len(ws):
+        return NBitsWeight.stack(nbits)
+    if len(w8a8) == len(ws):
+        return W8A8Weight.stack(w8a8)
+    raise TypeError(f"cannot stack weights of different kinds: {sorted({type(w).__name__ for w in ws})}")
 
 
 def scale_rows(w: Weight, factor: float | np.ndarray) -> Weight:

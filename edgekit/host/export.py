@@ -84,6 +84,8 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     Returns the bundle's path. Raises ExportError for unusable input; `out` is then untouched.
     """
     options = resolve_target(options or ExportOptions())
+    target = options.target
+    assert isinstance(target, dict)  # resolve_target reads a profile name into the profile's manifest dict
     say = progress or _stderr
     out = Path(out)
     _check_out(out)
@@ -106,7 +108,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     adapter_records, prefix = apply_adapters(loaded, options.adapters, say)
 
     t = time.perf_counter()
-    flavour = options.flavour or options.target.get("graph_flavour", "fused")
+    flavour = options.flavour or target.get("graph_flavour", "fused")
     say(f"[2/3] building the {flavour} ONNX graph")
     family = family_of(loaded.model)
     arch = family.architecture(options.context_length)
@@ -123,8 +125,8 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     model_proto = graph.build(decoder, flavour)
     if prefix is not None and decoder.head_order is not None:  # the cache holds keys in the graph's head order
         prefix[:, 0] = prefix[:, 0][..., decoder.head_order]
-    if "matmulnbits_accuracy_level" in options.target:  # the compute type that suits the target's ISA
-        set_accuracy_level(model_proto, options.target["matmulnbits_accuracy_level"])
+    if "matmulnbits_accuracy_level" in target:  # the compute type that suits the target's ISA
+        set_accuracy_level(model_proto, target["matmulnbits_accuracy_level"])
     if quant_record is not None:  # the manifest says what the graph does, read from the graph itself
         quant_record["accuracy_level"] = accuracy_level(model_proto)
     say(f"      {len(model_proto.graph.node)} nodes, context length {arch.context_length} "

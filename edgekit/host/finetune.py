@@ -136,6 +136,6 @@ def finetune(source: str | Path, data: str | Path, out: str | Path, options: Fin
     model.eval()
     out = Path(out)
     # save_embedding_layers=False: the embeddings are not trained, and "auto" asks the hub about the base
-    model.save_pretrained(out, save_embedding_layers=False)
+    model.save_pretrained(str(out), save_embedding_layers=False)
     say(f"adapter saved to {out}: edgekit export {source} --adapter {out} --out BUNDLE")
     return out

@@ -41,11 +41,14 @@ class Source:
     gguf_file: str | None
 
 
+# transformers' objects are typed Any: a model's config and submodules resolve at run time
+# (torch types every nn.Module attribute as Tensor | Module), a tokenizer's settings too
+CausalLM = Any  # a transformers PreTrainedModel with a language-modeling head
+
+
 @dataclass
 class LoadedModel:
-    # transformers' objects are typed Any: a model's config and submodules resolve at run time
-    # (torch types every nn.Module attribute as Tensor | Module), a tokenizer's settings too
-    model: Any  # a transformers PreTrainedModel (CausalLM)
+    model: CausalLM
     tokenizer: Any  # a transformers tokenizer with a fast (tokenizers) backend
     source: Source
 
@@ -83,7 +86,7 @@ def load(spec: str | Path) -> LoadedModel:
 
     src = resolve(spec)
     if not src.gguf_file:
-        check_reachable(src.folder / "config.json", spec)
+        check_reachable(src.folder / "config.json", src.spec)
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(src.folder, **kw)
@@ -132,7 +135,7 @@ def check_reachable(config_file: Path, spec: str) -> None:
                           "use a version of the model that transformers implements (GLM-4 for ChatGLM)")
 
 
-def fp32_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
+def fp32_weights(model: CausalLM) -> dict[str, np.ndarray]:
     """The state_dict as numpy arrays (sharing memory with the model). When the output embedding is
     the input embedding (tied), its second name is left out: the graph stores the table once."""
     weights = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}

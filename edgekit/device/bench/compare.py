@@ -11,6 +11,13 @@ def _test(r: TestResult) -> tuple:
     return r.threads, r.prompt_tokens, r.new_tokens
 
 
+def _ratio(va: object, vb: object) -> str:
+    """"x.xx" (vb / va) for two figures, "n/a" when either is missing (None) or va is 0."""
+    if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and va:
+        return f"{vb / va:.2f}x"
+    return "n/a"
+
+
 def compare(a: BenchReport | dict, b: BenchReport | dict) -> list[dict[str, str]]:
     """Ratios b / a for every test the two reports share (same threads, prompt and new tokens).
 
@@ -26,8 +33,8 @@ def compare(a: BenchReport | dict, b: BenchReport | dict) -> list[dict[str, str]
             continue
         row = {"threads": rb.threads_label, "prompt": str(rb.prompt_tokens), "new": str(rb.new_tokens)}
         for f in COMPARED:
-            va, vb = f.get(a, ra), f.get(b, rb)
-            row[f.compare] = f"{vb / va:.2f}x" if va and vb is not None else "n/a"
+            assert f.compare is not None  # COMPARED holds the fields that have a compare header
+            row[f.compare] = _ratio(f.get(a, ra), f.get(b, rb))
         rows.append(row)
     if not rows:
         sa = sorted({_test(r) for r in a.results}, key=str)

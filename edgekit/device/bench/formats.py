@@ -82,9 +82,9 @@ def format_csv(report: BenchReport | dict) -> str:
     """One CSV row per (threads, prompt length), llama-bench's avg_ts/stddev_ts names where they exist;
     a figure that is not available is an empty cell. Ends with a newline."""
     rep = as_report(report)
-    columns = [f for f in FIELDS if f.csv is not None]
+    columns = [(f.name, f.csv) for f in FIELDS if f.csv is not None]
     rows = []
     for r in rep.results:
         values = figures(rep, r)
-        rows.append(["" if values[f.name] is None else f.csv.format(values[f.name]) for f in columns])
-    return format_table([f.name for f in columns], rows, "csv") + "\n"
+        rows.append(["" if values[name] is None else csv.format(values[name]) for name, csv in columns])
+    return format_table([name for name, _ in columns], rows, "csv") + "\n"

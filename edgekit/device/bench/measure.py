@@ -271,6 +271,7 @@ def run_benchmark(bundle: str | Path, options: BenchOptions, progress=None) -> d
                 except ContextLengthError as e:
                     raise BenchError(str(e)) from None
             del model  # free the session before the next thread count loads its own
+    assert bundle_info is not None and provider is not None  # options.check() refuses an empty --threads
     return BenchReport(
         report_format=REPORT_FORMAT,
         kind="bench",

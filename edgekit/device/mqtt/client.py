@@ -389,7 +389,7 @@ class Client:
         if reply["type"] != "chunk":
             self._forget(pending)
 
-    def _take_status(self, device: str, payload: bytes) -> None:
+    def _take_status(self, device: str, payload: bytes | bytearray) -> None:
         try:
             state = json.loads(payload.decode("utf-8")).get("state") if payload else None
         except (ValueError, RecursionError, AttributeError):

@@ -67,7 +67,7 @@ class Connection:
     client: mqtt.Client
     config: BrokerConfig
     properties: Properties  # CONNECT properties: the session expiry
-    clean_start: bool | int
+    clean_start: mqtt.CleanStartOption
     last_error: str | None = None  # paho's last socket error, e.g. a TLS alert after the handshake
 
     def take_error(self) -> str | None:
@@ -89,7 +89,7 @@ class Connection:
 
 
 def make_connection(config: BrokerConfig, client_id: str, *, session_expiry_s: int,
-                    clean_start: bool | int = False) -> Connection:
+                    clean_start: mqtt.CleanStartOption = False) -> Connection:
     """A paho MQTT v5 client with TLS, credentials and reconnect backoff set, not yet connected.
 
     With clean_start off and a session expiry, the broker keeps the client's subscriptions
@@ -113,7 +113,8 @@ def make_connection(config: BrokerConfig, client_id: str, *, session_expiry_s: i
         raise InputError(f"TLS files were given but the broker URL {config.url!r} is not mqtts://")
     if config.username is not None:
         client.username_pw_set(config.username, config.password)
-    client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)
+    # paho annotates the delays as int, but only doubles, compares and sleeps them: fractions of a second work
+    client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)  # type: ignore[arg-type]
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry_s
     conn = Connection(client, config, props, clean_start)

@@ -157,7 +157,7 @@ class Journal:
                 (response_topic, correlation)).fetchone()
         return None if row is None else (row[0], row[1])
 
-    def accept(self, response_topic: str, correlation: bytes, payload: bytes, received: float,
+    def accept(self, response_topic: str, correlation: bytes, payload: bytes | bytearray, received: float,
                expires: float | None) -> bool:
         """Record a request as queued; False (and nothing recorded) when it is already known."""
         with self._lock:
@@ -182,8 +182,10 @@ class Journal:
             self._db.execute(
                 "UPDATE requests SET state = 'done', final = ? WHERE response_topic = ? AND correlation = ?",
                 (final, response_topic, correlation))
-            return self._db.execute("INSERT INTO outbox (topic, correlation, payload) VALUES (?, ?, ?)",
-                                    (response_topic, correlation, final)).lastrowid
+            cur = self._db.execute("INSERT INTO outbox (topic, correlation, payload) VALUES (?, ?, ?)",
+                                   (response_topic, correlation, final))
+            assert cur.lastrowid is not None  # an INSERT that adds a row sets it
+            return cur.lastrowid
 
     def drop(self, response_topic: str, correlation: bytes) -> None:
         """Forget a request without answering it (its reply topic is no longer allowed)."""
@@ -213,8 +215,10 @@ class Journal:
     def add_reply(self, topic: str, correlation: bytes | None, payload: bytes) -> int:
         """Keep a reply that is not tied to a request row (an error for a malformed request)."""
         with self._lock:
-            return self._db.execute("INSERT INTO outbox (topic, correlation, payload) VALUES (?, ?, ?)",
-                                    (topic, correlation, payload)).lastrowid
+            cur = self._db.execute("INSERT INTO outbox (topic, correlation, payload) VALUES (?, ?, ?)",
+                                   (topic, correlation, payload))
+            assert cur.lastrowid is not None  # an INSERT that adds a row sets it
+            return cur.lastrowid
 
     def sent(self, outbox_id: int) -> None:
         """The broker acknowledged this reply: it no longer needs to be kept."""

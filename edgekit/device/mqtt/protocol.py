@@ -212,10 +212,12 @@ class Request:
     def constraint(self) -> dict:
         """The runtime's arguments for this request's constrained output (Model.stream)."""
         fmt = self.response_format or {}
-        schema = {"json_object": {"type": "object"}}.get(fmt.get("type"))
-        if fmt.get("type") == "json_schema":
+        schema: dict | bool | None = None  # "text", or no response_format: unconstrained
+        if fmt.get("type") == "json_object":
+            schema = {"type": "object"}
+        elif fmt.get("type") == "json_schema":
             schema = fmt["json_schema"]["schema"]
-        out = {"json_schema": schema, "regex": self.regex, "grammar": self.grammar}
+        out: dict[str, Any] = {"json_schema": schema, "regex": self.regex, "grammar": self.grammar}
         if self.tools is not None:
             out.update(tools=self.tools, tool_choice=self.tool_choice or "auto")
         return out
@@ -266,7 +268,7 @@ _SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "min
 SEED_LIMIT = 2**63  # seeds are int64 on the wire, so clients in any language can send them
 
 
-def parse_request(payload: bytes, max_bytes: int) -> Request:
+def parse_request(payload: bytes | bytearray, max_bytes: int) -> Request:
     """Decode and validate a request payload.
 
     Returns a Request, or raises ProtocolError (never anything else, whatever the bytes)
@@ -301,7 +303,7 @@ def request_from_dict(raw: dict) -> Request:
             want = "a number" if types is _NUMBER else _json_type(types[0])
             raise ProtocolError(INVALID, f'"{name}" must be {want}, got {_json_type(type(value))}')
         if types is _NUMBER:
-            raw[name] = _finite(name, value)
+            raw[name] = _finite(name, raw[name])  # raw[name], not value: isinstance(value, types) typed value as object
     if ("prompt" in raw) == ("messages" in raw):
         raise ProtocolError(INVALID, 'give exactly one of "prompt" (text) or "messages" (a chat)')
     if "prompt" in raw:
@@ -361,7 +363,7 @@ def _check_constraint(raw: dict) -> None:
         raise ProtocolError(INVALID, '"tool_choice" goes with "tools"')
 
 
-def _load_object(payload: bytes, what: str) -> dict:
+def _load_object(payload: bytes | bytearray, what: str) -> dict:
     """The JSON object in `payload`; ProtocolError (INVALID) for anything else, however malformed."""
     try:
         text = payload.decode("utf-8")
@@ -432,7 +434,7 @@ def show(value: Any) -> str:
     return _json_type(type(value))
 
 
-def parse_cancel(payload: bytes) -> None:
+def parse_cancel(payload: bytes | bytearray) -> None:
     """A cancel message is {"v": 1} (or empty); the request it cancels is named by its
     ResponseTopic and CorrelationData. Raises ProtocolError, never anything else."""
     if not payload:
@@ -483,7 +485,7 @@ def heartbeat(device_id: str, **figures: Any) -> bytes:
     return _dump({"v": VERSION, "device_id": device_id, **figures})
 
 
-def parse_reply(payload: bytes) -> dict:
+def parse_reply(payload: bytes | bytearray) -> dict:
     """Decode a reply (chunk, done or error); raises ProtocolError when it is not one."""
     raw = _load_object(payload, "a reply")
     kind = raw.get("type")

@@ -185,17 +185,17 @@ class Service:
         dropped (the configuration changed since).
         """
         self.journal.prune(time.time() - self.config.keep_done_s)
-        for r in self.journal.unsent():
+        for reply in self.journal.unsent():
             try:
-                self._resend(r)
+                self._resend(reply)
             except Exception as e:  # noqa: BLE001 (a row that reads but makes no sense: damage sqlite cannot see)
                 log.warning("dropped a damaged journaled reply (%s: %s)", type(e).__name__, e)
-                self.journal.sent(r.id)
-        for r in self.journal.unfinished():
+                self.journal.sent(reply.id)
+        for request in self.journal.unfinished():
             try:
-                self._resume(r)
+                self._resume(request)
             except Exception as e:  # noqa: BLE001 (the same, for a request)
-                self._give_up_on(r, f"{type(e).__name__}: {e}")
+                self._give_up_on(request, f"{type(e).__name__}: {e}")
         if self._jobs.qsize():
             log.info("resuming %d request(s) from the journal", self._jobs.qsize())
 
@@ -371,6 +371,7 @@ class Service:
             log.warning("dropped a request on %s with ResponseTopic %s: %s", msg.topic, proto.show(response_topic),
                         problem)
             return
+        assert response_topic is not None  # reply_topic_problem refuses a missing one
         correlation = getattr(props, "CorrelationData", None)
         correlation = None if correlation is None else bytes(correlation)
         try:
@@ -484,9 +485,10 @@ class Service:
         self.journal.mark_running(*key)
         max_new = r.max_new_tokens or min(self.model.manifest.generation.max_new_tokens,
                                           self.limits.max_new_tokens)
+        prompt = r.prompt if r.prompt is not None else r.messages
+        assert prompt is not None  # parse_request takes exactly one of the two
         try:
-            stream = self.model.stream(r.prompt if r.prompt is not None else r.messages, max_new_tokens=max_new,
-                                       stop=r.stop, **r.sampling(), **r.constraint())
+            stream = self.model.stream(prompt, max_new_tokens=max_new, stop=r.stop, **r.sampling(), **r.constraint())
         except ContextLengthError as e:
             return self._finish_error(key, proto.LIMIT, str(e))
         except ConstraintError as e:

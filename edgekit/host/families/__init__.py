@@ -38,7 +38,7 @@ SUPPORTED = tuple(sorted(FAMILIES))
 def family_class(config) -> type[Llama]:
     """The family of `config`, after checking its settings; ExportError when unsupported."""
     model_type = getattr(config, "model_type", None)
-    cls = FAMILIES.get(model_type)
+    cls = FAMILIES.get(model_type) if model_type is not None else None
     if cls is None:
         raise ExportError(f"architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
     cls.check(config)

@@ -14,7 +14,7 @@ import torch
 from edgekit.errors import ExportError
 from edgekit.host.decoder import MLP, Attention, Decoder, Layer, Linear
 from edgekit.host.families.gpt_neox import split_per_head
-from edgekit.host.families.llama import Llama, ScaleGroup
+from edgekit.host.families.llama import Llama, RotaryTables, ScaleGroup
 
 ALIBI_CONTEXT = 8192  # the longest context accepted: ALiBi has no table of positions to run out of
 
@@ -74,7 +74,7 @@ class Bloom(Llama):
         p = f"{self.decoder_layers}.{i}.mlp"
         return MLP(up=self.linear(f"{p}.dense_h_to_4h"), down=self.linear(f"{p}.dense_4h_to_h"), act="gelu_tanh")
 
-    def rotary(self, context_length: int) -> dict[str, tuple]:
+    def rotary(self, context_length: int) -> dict[str, RotaryTables]:
         from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
         slopes = _get_alibi_slopes(self.num_heads, torch.device("cpu"))

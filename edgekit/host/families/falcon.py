@@ -22,7 +22,7 @@ import torch
 from edgekit.host.decoder import MLP, Attention, Layer, Linear, take_linear
 from edgekit.host.families.bloom import ALIBI_CONTEXT
 from edgekit.host.families.gpt_neox import split_per_head
-from edgekit.host.families.llama import ACTIVATION_OF, Llama, ScaleGroup
+from edgekit.host.families.llama import ACTIVATION_OF, Llama, RotaryTables, ScaleGroup
 
 
 class Falcon(Llama):
@@ -41,6 +41,7 @@ class Falcon(Llama):
     def __init__(self, model):
         super().__init__(model)
         c = self.config
+        self.positions = "alibi" if c.alibi else "rope"
         two_norms = c.new_decoder_architecture and (c.num_ln_in_parallel_attn or 2) == 2
         if two_norms:
             self.scale_groups = (ScaleGroup("ln_attn", ("self_attention.query_key_value",), ("self_attention",)),
@@ -68,10 +69,6 @@ class Falcon(Llama):
     @property
     def eps(self) -> float:
         return float(self.config.layer_norm_epsilon)
-
-    @property
-    def positions(self) -> str:
-        return "alibi" if self.config.alibi else "rope"
 
     def longest_context(self) -> int:
         return ALIBI_CONTEXT if self.config.alibi else super().longest_context()
@@ -113,7 +110,7 @@ class Falcon(Llama):
         return MLP(up=self.linear(f"{p}.dense_h_to_4h"), down=self.linear(f"{p}.dense_4h_to_h"),
                    act=ACTIVATION_OF[self.hidden_act(self.config)])
 
-    def rotary(self, context_length: int) -> dict[str, tuple]:
+    def rotary(self, context_length: int) -> dict[str, RotaryTables]:
         if self.config.alibi:
             from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from edgekit.errors import ExportError
 from edgekit.host.decoder import Attention, Decoder, Layer, Norm
-from edgekit.host.families.llama import Llama, ScaleGroup
+from edgekit.host.families.llama import Llama, RotaryTables, ScaleGroup
 
 
 class Gemma(Llama):
@@ -78,5 +78,5 @@ class Gemma3(Gemma2):
     def rotary_key(self, i: int) -> str | None:
         return self.config.layer_types[i]
 
-    def rotary(self, context_length: int) -> dict[str, tuple]:
+    def rotary(self, context_length: int) -> dict[str, RotaryTables]:
         return {t: self.rotary_from_module(context_length, layer_type=t) for t in sorted(set(self.config.layer_types))}

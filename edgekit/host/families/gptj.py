@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from edgekit.host.decoder import MLP, Layer
-from edgekit.host.families.llama import ACTIVATION_OF, Llama, ScaleGroup
+from edgekit.host.families.llama import ACTIVATION_OF, Llama, RotaryTables, ScaleGroup
 
 ATTN_IN = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
 
@@ -54,7 +54,7 @@ class GptJ(Llama):
                    act=ACTIVATION_OF[self.hidden_act(self.config)])
 
     @torch.no_grad()
-    def rotary(self, context_length: int) -> dict[str, tuple]:
+    def rotary(self, context_length: int) -> dict[str, RotaryTables]:
         """GPT-J's module returns (sin, cos), one value per frequency already."""
         module = self.model.get_submodule(self.rotary_module)
         sin, cos = module(torch.zeros(1, dtype=torch.float32), torch.arange(context_length)[None, :])

@@ -38,11 +38,14 @@ from edgekit.host.decoder import (
     stack_linears,
     take_linear,
 )
+from edgekit.host.load import CausalLM
 
 DEFAULT_CONTEXT = 2048
 # transformers' hidden_act names -> the graph's activations (host/decoder.py ACTIVATIONS)
 ACTIVATION_OF = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
                  "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+# one rotary's tables, as Llama.rotary gives them: cos, sin, the long pair or None (LongRoPE), the switch position
+RotaryTables = tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None, int]
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class ScaleGroup:
 
 
 class Llama:
-    model_types = ("llama", "mistral", "qwen2")
+    model_types: tuple[str, ...] = ("llama", "mistral", "qwen2")
     # -- where things are in the checkpoint (module paths) ---------------------------------------
     decoder_layers = "model.layers"
     embed_tokens = "model.embed_tokens"
@@ -76,7 +79,7 @@ class Llama:
         "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in",
         "mlp.down_proj": "down_in",
     }
-    scale_groups = (
+    scale_groups: tuple[ScaleGroup, ...] = (
         ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn",)),
         ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), ("self_attn.o_proj",), smooth=False),  # not under GQA
         ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), ("mlp",)),
@@ -84,7 +87,7 @@ class Llama:
     )
     rms_norm = True  # False: LayerNorm (mean subtracted, usually with a bias)
     # AWQ does not clip these: errors in q and k compound in q k^T (as AWQ's reference)
-    no_clip = ("self_attn.q_proj", "self_attn.k_proj")
+    no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
     norm_offset = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
     rotary_interleaved = False  # GPT-J, GLM rotate pairs (2i, 2i + 1)
 
@@ -245,13 +248,13 @@ class Llama:
         """Which rotary table layer i uses (None: no rotary)."""
         return "default"
 
-    def rotary(self, context_length: int) -> dict[str, tuple]:
+    def rotary(self, context_length: int) -> dict[str, RotaryTables]:
         """key -> (cos, sin, long tables or None, switch position): (positions, rotary_dim / 2) each, from
         the model's own rotary module, so every rope scaling comes out exactly as transformers has it."""
         return {"default": self.rotary_from_module(context_length)}
 
     @torch.no_grad()
-    def rotary_from_module(self, context_length: int, **kwargs) -> tuple:
+    def rotary_from_module(self, context_length: int, **kwargs) -> RotaryTables:
         module = self.model.get_submodule(self.rotary_module)
         rope = rope_parameters(self.config, kwargs.get("layer_type")) or {}
 
@@ -271,7 +274,7 @@ class Llama:
         cos, sin = tables(context_length)
         return cos, sin, None, 0
 
-    def _head_order(self, tables: dict) -> np.ndarray | None:
+    def _head_order(self, tables: dict[str, RotaryTables]) -> np.ndarray | None:
         """The per-head dim order that puts partial or interleaved rotary pairs where GQA rotates."""
         widths = {2 * t[0].shape[1] for t in tables.values()}
         if not widths:
@@ -315,7 +318,7 @@ def rope_parameters(config, layer_type: str | None = None) -> dict | None:
     return rp
 
 
-def is_tied(model: torch.nn.Module) -> bool:
+def is_tied(model: CausalLM) -> bool:
     """lm_head and the embedding are one tensor."""
     out = model.get_output_embeddings()
     return out is None or out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()

@@ -13,7 +13,7 @@ import torch
 from edgekit.errors import ExportError
 from edgekit.host.decoder import MLP, Attention, Layer, Linear, take_linear
 from edgekit.host.families.bloom import ALIBI_CONTEXT
-from edgekit.host.families.llama import Llama, ScaleGroup
+from edgekit.host.families.llama import Llama, RotaryTables, ScaleGroup
 
 
 class Mpt(Llama):
@@ -73,7 +73,7 @@ class Mpt(Llama):
         p = f"{self.decoder_layers}.{i}.ffn"
         return MLP(up=self.linear(f"{p}.up_proj"), down=self.linear(f"{p}.down_proj"), act="gelu")
 
-    def rotary(self, context_length: int) -> dict[str, tuple]:
+    def rotary(self, context_length: int) -> dict[str, RotaryTables]:
         from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
         slopes = -build_mpt_alibi_tensor(self.num_heads, 2)[:, 0, 0]  # its value at key -1: -slope

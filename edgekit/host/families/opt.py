@@ -13,7 +13,7 @@ embedding. Two variants:
 from __future__ import annotations
 
 from edgekit.host.decoder import MLP, Decoder, Layer, Linear, Norm
-from edgekit.host.families.llama import ACTIVATION_OF, Llama, ScaleGroup
+from edgekit.host.families.llama import ACTIVATION_OF, Llama, RotaryTables, ScaleGroup
 
 ATTN_IN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 OFFSET = 2  # OPTLearnedPositionalEmbedding: position p reads row p + 2
@@ -64,7 +64,7 @@ class Opt(Llama):
         return None if self.model.get_submodule("model.decoder").final_layer_norm is None else \
             self.norm(self.final_norm)
 
-    def rotary(self, context_length: int) -> dict[str, tuple]:
+    def rotary(self, context_length: int) -> dict[str, RotaryTables]:
         return {}
 
     def rotary_key(self, i: int) -> str | None:

@@ -93,9 +93,9 @@ class Fused:
         long_cos, long_sin = g.const(f"cos_cache{suffix}.long", long[0]), g.const(f"sin_cache{suffix}.long", long[1])
         (cond,) = g.op("Greater", ["total_sequence_length", g.const(f"{n}/switch_at", np.array(switch_at, np.int32))],
                        f"{n}/Greater")
-        return tuple(g.op("If", [cond], f"{n}/If", outputs=2,
-                          then_branch=branch_of(f"{n}/long", long_cos, long_sin),
-                          else_branch=branch_of(f"{n}/short", cos, sin)))
+        cos, sin = g.op("If", [cond], f"{n}/If", outputs=2, then_branch=branch_of(f"{n}/long", long_cos, long_sin),
+                        else_branch=branch_of(f"{n}/short", cos, sin))
+        return cos, sin
 
     def positions(self) -> str:
         """(1, S) int64 positions of the new tokens: T - S .. T - 1."""

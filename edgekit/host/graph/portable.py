@@ -86,8 +86,9 @@ class Portable:
         (top,) = g.op("ReduceMax", ["position_ids"], f"{n}/ReduceMax", keepdims=0)
         (cond,) = g.op("GreaterOrEqual", [top, g.const(f"{n}/switch_at", np.array(switch_at, np.int64))],
                        f"{n}/GreaterOrEqual")
-        return tuple(g.op("If", [cond], f"{n}/If", outputs=2, then_branch=branch_of(f"{n}/long", lc, ls),
-                          else_branch=branch_of(f"{n}/short", cos, sin)))
+        cos, sin = g.op("If", [cond], f"{n}/If", outputs=2, then_branch=branch_of(f"{n}/long", lc, ls),
+                        else_branch=branch_of(f"{n}/short", cos, sin))
+        return cos, sin
 
     def positions(self) -> str:
         return "position_ids"

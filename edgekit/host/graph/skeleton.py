@@ -24,7 +24,7 @@ from edgekit.host.graph.fused import Fused
 from edgekit.host.graph.portable import Portable
 from edgekit.host.graph.proto import Graph, decoder_model, int64
 
-FLAVOURS = {"fused": Fused, "portable": Portable}
+FLAVOURS: dict[str, type[Fused] | type[Portable]] = {"fused": Fused, "portable": Portable}
 
 
 @dataclass
@@ -75,6 +75,7 @@ class _Builder:
             y, _ = self.f.norm(name, norm, s.base)
             return y, s
         y, total = self.f.norm(name, norm, s.pending, residual=s.base)
+        assert total is not None  # a norm with a residual returns the sum unless keep_sum=False
         return y, Stream(total)
 
     def materialize(self, name: str, s: Stream) -> str:
@@ -106,6 +107,7 @@ class _Builder:
         """One layer in its arrangement (host/decoder.py Layer)."""
         n = f"/model/layers.{i}"
         if layer.post_norm:  # h = norm(h + attention(h)); h = norm(h + mlp(h))
+            assert layer.attn_norm is not None and layer.mlp_norm is not None  # OPT's post-LN layers have both
             h = self.materialize(n, s)
             h, _ = self.f.norm(f"{n}/input_layernorm", layer.attn_norm, self.attention(n, i, layer.attention, h),
                                residual=h, keep_sum=False)
