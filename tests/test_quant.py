@@ -66,7 +66,8 @@ def test_quantized_bundle_runs_integer_kernels_close_to_fp32(name, tiny, tmp_pat
     assert err < tol, f"{name}: max |logits - fp32| is {err:.3f} of max |fp32| (> {tol})"
 
     nodes = ops(bundle)
-    count = {t: sum(n.op_type == t for n in nodes) for t in ("MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMul", "Gemm")}
+    kinds = ("MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger", "MatMul", "Gemm")
+    count = {t: sum(n.op_type == t for n in nodes) for t in kinds}
     # 2 layers x (qkv, o_proj, gate_proj, up_proj, down_proj), and lm_head always MatMulNBits
     assert count[op] == 10 + (op == "MatMulNBits")
     assert count["MatMulNBits"] >= 1 and count["MatMul"] == count["Gemm"] == 0, f"a Linear was left in fp32: {count}"
@@ -96,7 +97,7 @@ def test_gptq_reconstructs_a_layer_better_than_rtn(make_tiny):
         w = layer.get_submodule(path).weight.data
         x = feats[key].reshape(-1, w.shape[1])
 
-        def error(q):
+        def error(q, x=x, w=w):
             return torch.linalg.norm(x @ w.T - x @ torch.from_numpy(q.dequantize()).T).item()
 
         e_rtn, e_gptq = error(rtn(w, spec)), error(gptq(w, hessian(x), spec))

@@ -286,7 +286,8 @@ def report(results: dict) -> None:
         checks.append((f"edgekit GPTQ no worse than llm-compressor's GPTQ (int4 g64 asymmetric: "
                        f"{p['gptq4-g64']:.3f} vs {p['llmc-gptq4-g64']:.3f})", p["gptq4-g64"] <= p["llmc-gptq4-g64"]))
     if "gptq4" in p and "ort-gptq4" in p:
-        checks.append(("edgekit GPTQ (default, asymmetric) no worse than onnxruntime's GPTQ", p["gptq4"] <= p["ort-gptq4"]))
+        checks.append(("edgekit GPTQ (default, asymmetric) no worse than onnxruntime's GPTQ",
+                       p["gptq4"] <= p["ort-gptq4"]))
     for text, ok in checks:
         print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
 

@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH[:WEIGHT]",
                    help="a PEFT adapter folder to merge (LoRA) or bake in (prefix tuning); repeatable")
     q = p.add_argument_group("quantization")
-    q.add_argument("--quant", choices=["none", "rtn", "gptq", "awq", "smoothquant", "w8a8"],
+    q.add_argument("--quant", choices=["none", "rtn", "gptq", "awq", "smoothquant", "w8a8", "int4-best"],
                    help="method (default: none); w8a8 is SmoothQuant without smoothing, its baseline")
     q.add_argument("--bits", type=int, help="weight bits: 4 or 8")
     q.add_argument("--group-size", type=int, help="weights per scale: 32, 64, 128, or 0 for per-channel")

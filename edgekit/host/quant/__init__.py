@@ -10,6 +10,13 @@ Methods (each in its own file, after its paper):
     smoothquant  outliers migrated into the weights, int8 weights + activations (smoothquant.py)
     w8a8         int8 weights + activations without smoothing (the baseline SmoothQuant beats)
 
+Presets (PRESETS) name a whole recipe:
+
+    int4-best    GPTQ (sink-weighted Hessian, searched group ranges) int4 in groups of 32, calibrated
+                 on --calib and the default text half each, so that quality holds off the user's
+                 domain: the best int4 edgekit makes within 5 minutes of CPU for SmolLM2-135M,
+                 at 0.297 of the fp32 bundle (benchmarks/quantization/README.md)
+
 Weight-only methods become MatMulNBits with accuracy_level=4; W8A8 becomes
 DynamicQuantizeMatMul (nbits.py). The decoder's Linears are quantized; around them:
 
@@ -43,6 +50,8 @@ from edgekit.host.quant.smoothquant import DEFAULT_ALPHA, smooth
 from edgekit.host.quant.w8a8 import quantize_w8a8
 
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "w8a8")
+# preset -> the method it runs and its settings; flags the user gives still override bits and group size
+PRESETS = {"int4-best": {"method": "gptq", "bits": 4, "group_size": 32, "mix_calibration": True}}
 BITS = (4, 8)
 GROUP_SIZES = (0, 32, 64, 128)  # 0 = per output channel
 DEFAULT_SAMPLES = 32
@@ -56,9 +65,14 @@ def resolve(options) -> dict:
     """The method's settings with defaults filled in; ExportError for what cannot be done."""
     from edgekit.host.export import flag
 
-    method = options.quant
+    preset = PRESETS.get(options.quant, {})
+    method = preset.get("method", options.quant)
     if method not in METHODS:
-        raise ExportError(f"unknown quantization method {method!r}; choose one of: none, {', '.join(METHODS)}")
+        raise ExportError(f"unknown quantization method {method!r}; choose one of: none, {', '.join(METHODS)}, "
+                          f"{', '.join(PRESETS)}")
+    if preset and options.bits not in (None, preset["bits"]):
+        raise ExportError(f"--quant {options.quant} is a {preset['bits']}-bit recipe; drop --bits {options.bits} "
+                          f"(or use --quant {method} --bits {options.bits})")
     if method in ("smoothquant", "w8a8"):
         if options.bits not in (None, 8):
             raise ExportError(f"{method} quantizes weights and activations to 8 bits; --bits {options.bits} "
@@ -68,10 +82,11 @@ def resolve(options) -> dict:
                               f"(int8 activations are quantized per tensor, weights per channel)")
         bits, group_size = 8, 0
     else:
-        bits = 4 if options.bits is None else options.bits
+        bits = preset.get("bits", 4) if options.bits is None else options.bits
         if bits not in BITS:
             raise ExportError(f"--bits {bits} is not supported; use 4 or 8")
-        group_size = options.group_size if options.group_size is not None else (128 if bits == 4 else 0)
+        group_size = options.group_size if options.group_size is not None else (
+            preset.get("group_size", 128 if bits == 4 else 0))
         if group_size not in GROUP_SIZES:
             raise ExportError(f"--group-size {group_size} is not supported; use 32, 64, 128, or 0 for per-channel")
     knobs = {"damp": "gptq", "act_order": "gptq", "awq_grid": "awq", "alpha": "smoothquant"}
@@ -93,8 +108,11 @@ def resolve(options) -> dict:
     samples = options.calib_samples or DEFAULT_SAMPLES
     seq_len = options.calib_seq_len or DEFAULT_SEQ_LEN
     if samples < 1 or seq_len < 16:
-        raise ExportError(f"calibration needs --calib-samples >= 1 and --calib-seq-len >= 16 (got {samples}, {seq_len})")
-    return {"method": method, "bits": bits, "group_size": group_size, "sym": options.sym,
+        raise ExportError(f"calibration needs --calib-samples >= 1 and --calib-seq-len >= 16 "
+                          f"(got {samples}, {seq_len})")
+    return {"method": method, "preset": options.quant if preset else None,
+            "mix_calibration": preset.get("mix_calibration", False), "bits": bits, "group_size": group_size,
+            "sym": options.sym,
             "samples": samples, "seq_len": seq_len, "alpha": alpha, "lm_head": LM_HEAD[lm_head_bits],
             "gptq": GPTQConfig(percdamp=damp, act_order=options.act_order is not False),
             "awq": awq_.AWQConfig(n_grid=awq_grid)}
@@ -139,7 +157,8 @@ def quantize(loaded, family, arch, weights: dict, options, say: Callable[[str], 
 
     calib = None
     if method in ("gptq", "awq", "smoothquant"):
-        calib = calibration_ids(loaded.tokenizer, options.calib, cfg["samples"], cfg["seq_len"], options.seed)
+        calib = calibration_ids(loaded.tokenizer, options.calib, cfg["samples"], cfg["seq_len"], options.seed,
+                                mix_default=cfg["mix_calibration"])
         say(f"      calibration: {cfg['samples']} x {cfg['seq_len']} tokens from {calib.source}")
 
     layers = model.get_submodule(family.decoder_layers)
@@ -177,6 +196,7 @@ def quantize(loaded, family, arch, weights: dict, options, say: Callable[[str], 
     store_embeddings(out, weights, family, head)
     record = {
         "method": method,
+        **({"preset": cfg["preset"]} if cfg["preset"] else {}),
         "weights": f"int{cfg['bits']}",
         "bits": cfg["bits"],
         "group_size": cfg["group_size"],

@@ -63,13 +63,13 @@ def search_scale(group: ScaleGroup, spec: QuantSpec, config: AWQConfig) -> torch
         for r in range(config.n_grid):
             s = x_max.pow(r / config.n_grid).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            for fc, w in zip(group.linears, originals):
+            for fc, w in zip(group.linears, originals, strict=True):
                 fc.weight.data = quantize_dequantize(w * s, spec) / s
             loss = (want - group.block(x)).float().pow(2).mean().item()
             if loss < best_loss:
                 best_loss, best_s = loss, s
     finally:
-        for fc, w in zip(group.linears, originals):
+        for fc, w in zip(group.linears, originals, strict=True):
             fc.weight.data = w
     return best_s
 

@@ -120,7 +120,7 @@ def scorer(layer, paths: tuple[str, ...], kwargs: LayerKwargs):
     def score(x: torch.Tensor) -> torch.Tensor:
         kw = kwargs(x.shape[0])
         total = None
-        for module, accepts in zip(modules, names):
+        for module, accepts in zip(modules, names, strict=True):
             extra = {"residual": torch.zeros_like(x)} if "residual" in accepts else {}
             y = module(x, **{k: v for k, v in kw.items() if k in accepts}, **extra)
             y = y[0] if isinstance(y, tuple) else y

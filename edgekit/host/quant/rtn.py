@@ -52,10 +52,12 @@ def params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor
     return scale, zero
 
 
-def params_mse(x: torch.Tensor, spec: QuantSpec, grid: int = 100, maxshrink: float = 0.8,
+def params_mse(x: torch.Tensor, spec: QuantSpec, grid: int = 100, maxshrink: float = 0.2,
                norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
     """Like params, but each row's range shrunk by the factor in 1, 0.99, ... 1 - maxshrink
-    that minimises sum |x - quant(x)|^norm (the GPTQ reference code's `mse` option)."""
+    that minimises sum |x - quant(x)|^norm (the GPTQ reference code's `mse` option; its
+    maxshrink 0.8 tries 80 factors, but on SmolLM2's int4 groups of 32 and 128 none below 0.8
+    ever wins, so 20 give the same grids 5x faster)."""
     best_scale, best_zero = params(x, spec)
     best_err = (fake_quant(x, best_scale, best_zero, spec) - x).abs().pow(norm).sum(-1)
     for i in range(1, int(maxshrink * grid) + 1):
