@@ -10,4 +10,6 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
 fi
 bash scripts/setup.sh
 . scripts/env.sh
+"$PY" -m ruff check .     # lint: pyflakes, pycodestyle, isort, pyupgrade, bugbear (pyproject)
+"$PY" -m mypy            # types of edgekit/ (pyproject [tool.mypy])
 "$PY" -m pytest -q -ra "$@"
