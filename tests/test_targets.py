@@ -256,3 +256,18 @@ def test_a_bundle_gives_the_same_tokens_on_aarch64_under_qemu(multi_target):
         capture_output=True, text=True, check=True, cwd=REPO, env=env, timeout=900).stdout)
     assert (x86["machine"], arm["machine"]) == ("x86_64", "aarch64")
     assert arm["tokens"] == x86["tokens"] and len(arm["tokens"]) == 8
+
+
+def test_worker_threads_do_not_spin_unless_the_target_or_caller_asks(tiny_bundle, tmp_path):
+    """Spinning threads lose half their speed when another process shares the cores (device/session.py)."""
+    def spinning(model: Model) -> str:
+        return model.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+    assert spinning(Model(tiny_bundle)) == "0"
+    assert spinning(Model(tiny_bundle, session_config={"session.intra_op.allow_spinning": "1"})) == "1"
+    spins = tmp_path / "spins"
+    shutil.copytree(tiny_bundle, spins)
+    manifest = json.loads((spins / "edgekit.json").read_text())
+    manifest["target"]["session_config"] = {"session.intra_op.allow_spinning": "1"}
+    (spins / "edgekit.json").write_text(json.dumps(manifest))
+    assert spinning(Model(spins, verify=False)) == "1"  # the profile's choice (the hashes cover the other files)

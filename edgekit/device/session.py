@@ -11,6 +11,13 @@ from edgekit.device.bundle import BundleError
 
 log = logging.getLogger("edgekit")
 
+# onnxruntime's worker threads spin-wait between operators by default: 1.3x faster decode on a
+# quiet 2-core host, but when another process wants the cores (a camera or planning node) the
+# spinning threads preempt each other and decode falls to half or less of not spinning
+# (benchmarks/README.md, spinning.py). A device is rarely quiet: no spinning unless the bundle's
+# target profile or the caller turns it back on ("1").
+DEFAULT_CONFIG = {"session.intra_op.allow_spinning": "0"}
+
 
 def choose_provider(preferred: list[str]) -> str:
     """The first of `preferred` that the installed onnxruntime offers, else CPU.
@@ -35,6 +42,8 @@ def create_session(
 ) -> tuple[ort.InferenceSession, str]:
     """Open `model_path` on the first usable provider. Returns the session and the provider's name.
 
+    `config` entries are added to DEFAULT_CONFIG's, replacing those with the same key.
+
     With `profile_prefix`, onnxruntime's profiler records every run; `session.end_profiling()`
     then writes `{profile_prefix}_<date>.json` and returns its path (see device/op_profile.py).
     """
@@ -46,7 +55,7 @@ def create_session(
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    for key, value in (config or {}).items():
+    for key, value in {**DEFAULT_CONFIG, **(config or {})}.items():
         options.add_session_config_entry(key, str(value))
     provider = choose_provider(preferred_providers or ["CPUExecutionProvider"])
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
