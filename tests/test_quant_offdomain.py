@@ -1,0 +1,155 @@
+"""What issue #16 added for quality off the calibration domain, on tiny random models:
+calibration mixing (--calib half, the default text half), the `--quant int4-best` preset,
+and GPTQ's sink-weighted Hessian."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from edgekit.device import Model
+from edgekit.host import ExportOptions, export
+from edgekit.host.load import ExportError
+from edgekit.host.quant.calibration import DEFAULT_SOURCE, calibration_ids, default_text
+from edgekit.host.quant.gptq import hessian
+
+CALIB = dict(calib_samples=4, calib_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    """A --calib text of its own domain, long enough for a few dozen 32-token windows."""
+    words = "the gripper closes on the red cube and lifts it onto the shelf while the camera watches".split()
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("calib") / "robot.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(300)))
+    return path
+
+
+def _windows(tokenizer, text: str, seq_len: int) -> set[tuple[int, ...]]:
+    ids = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    return {tuple(ids[i:i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)}
+
+
+@pytest.mark.parametrize("samples", [6, 7])
+def test_mixed_calibration_draws_half_from_calib_and_half_from_the_default_text(smol_tokenizer, calib_file,
+                                                                               samples):
+    seq_len = 32
+    mixed = calibration_ids(smol_tokenizer, calib_file, samples, seq_len, seed=3, mix_default=True)
+    assert mixed.ids.shape == (samples, seq_len) and mixed.ids.dtype == torch.int64
+    own = _windows(smol_tokenizer, calib_file.read_text(), seq_len)
+    general = _windows(smol_tokenizer, default_text(), seq_len)
+    rows = [tuple(r) for r in mixed.ids.tolist()]
+    n_own = samples // 2
+    assert all(r in own for r in rows[:n_own])  # the first half: windows of --calib
+    assert all(r in general for r in rows[n_own:])  # the rest: windows of the default text
+    assert len(set(rows)) == samples  # drawn without replacement
+    # each half is exactly what a calibration on that text alone draws with the same seed
+    alone = calibration_ids(smol_tokenizer, calib_file, n_own, seq_len, seed=3)
+    default = calibration_ids(smol_tokenizer, None, samples - n_own, seq_len, seed=3)
+    assert torch.equal(mixed.ids, torch.cat([alone.ids, default.ids]))
+    assert str(calib_file) in mixed.source and DEFAULT_SOURCE in mixed.source and "half each" in mixed.source
+    assert mixed.record()["samples"] == samples
+
+
+def test_mixed_calibration_is_deterministic_for_a_seed(smol_tokenizer, calib_file):
+    def draw(seed):
+        return calibration_ids(smol_tokenizer, calib_file, 8, 32, seed=seed, mix_default=True)
+
+    a, b, c = draw(0), draw(0), draw(1)
+    assert torch.equal(a.ids, b.ids) and a.sha256 == b.sha256
+    assert not torch.equal(a.ids, c.ids)
+    assert a.sha256 == c.sha256  # the same texts; only the draw differs
+
+
+def test_mixing_without_calib_is_the_default_text_alone(smol_tokenizer):
+    mixed = calibration_ids(smol_tokenizer, None, 4, 32, seed=0, mix_default=True)
+    plain = calibration_ids(smol_tokenizer, None, 4, 32, seed=0)
+    assert torch.equal(mixed.ids, plain.ids) and mixed.source == plain.source == DEFAULT_SOURCE
+
+
+def _nbits_attrs(bundle) -> list[dict]:
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    return [{a.name: helper.get_attribute_value(a) for a in n.attribute} | {"name": n.name}
+            for n in model.graph.node if n.op_type == "MatMulNBits"]
+
+
+def test_int4_best_exports_an_int4_g32_matmulnbits_bundle_that_records_the_preset(tiny_folder, calib_file,
+                                                                                   tmp_path):
+    bundle = export(tiny_folder, tmp_path / "best", ExportOptions(quant="int4-best", calib=str(calib_file), **CALIB),
+                    progress=lambda _: None)
+    q = json.loads((bundle / "edgekit.json").read_text())["quantization"]
+    assert q["preset"] == "int4-best"
+    assert (q["method"], q["bits"], q["group_size"], q["symmetric"]) == ("gptq", 4, 32, False)
+    assert q["sink_weight"] > 1 and q["mse"] is True
+    assert q["calibration"]["source"] == f"{calib_file} + {DEFAULT_SOURCE}, half each"
+    attrs = _nbits_attrs(bundle)
+    decoder = [a for a in attrs if a["bits"] == 4]
+    assert len(decoder) >= 2 * 4  # tiny llama: 2 layers of q/k/v/o/gate/up/down (some fused)
+    assert all(a["block_size"] == 32 for a in decoder)
+    assert all(a["bits"] in (4, 8) for a in attrs)  # the lm_head is the int8 per-channel copy
+    logits = Model(bundle).forward([1, 2, 3, 4], 0, all_logits=True)
+    assert np.isfinite(logits).all()
+
+
+def test_int4_best_without_calib_uses_the_default_text(tiny_folder, tmp_path):
+    bundle = export(tiny_folder, tmp_path / "best", ExportOptions(quant="int4-best", **CALIB),
+                    progress=lambda _: None)
+    q = json.loads((bundle / "edgekit.json").read_text())["quantization"]
+    assert q["preset"] == "int4-best" and q["calibration"]["source"] == DEFAULT_SOURCE
+
+
+def test_int4_best_refuses_other_bits_with_what_to_do(tiny_folder, tmp_path):
+    with pytest.raises(ExportError, match=re.escape("--quant int4-best is a 4-bit recipe; drop --bits 8 "
+                                                    "(or use --quant gptq --bits 8)")):
+        export(tiny_folder, tmp_path / "out", ExportOptions(quant="int4-best", bits=8), progress=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_int4_best_refuses_other_bits_on_the_command_line(tiny_folder, tmp_path, capsys):
+    from edgekit.cli import main
+
+    code = main(["export", str(tiny_folder), "--out", str(tmp_path / "out"), "--quant", "int4-best", "--bits", "8"])
+    assert code != 0
+    assert "--quant int4-best is a 4-bit recipe; drop --bits 8" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _explicit(x: torch.Tensor, w: float) -> torch.Tensor:
+    """2 X^T C X / sum(C) in float64, C = diag(w on each sample's first token, 1 elsewhere)."""
+    n, length, k = x.shape
+    c = torch.ones(n, length, dtype=torch.float64)
+    c[:, 0] = w
+    flat, cw = x.double().reshape(-1, k), c.reshape(-1)
+    return 2 * (flat.T * cw) @ flat / cw.sum()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 4), length=st.integers(1, 9), k=st.integers(1, 12), seed=st.integers(0, 2**16),
+       w=st.sampled_from([0.0, 0.5, 1.0, 2.0, 8.0, 32.0]))
+def test_sink_weighted_hessian_is_the_weighted_x_t_c_x(n, length, k, seed, w):
+    if w == 0 and length == 1:
+        return  # no token left with any weight
+    x = torch.randn(n, length, k, generator=torch.Generator().manual_seed(seed)) * 3
+    h = hessian(x, w)
+    assert h.dtype == torch.float64 and h.shape == (k, k)
+    torch.testing.assert_close(h, _explicit(x, w), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h, h.T, rtol=1e-5, atol=1e-5)  # float32 products, summed in two parts
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 4), length=st.integers(1, 9), k=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_sink_weight_one_is_the_plain_hessian(n, length, k, seed):
+    x = torch.randn(n, length, k, generator=torch.Generator().manual_seed(seed))
+    plain = 2 * x.reshape(-1, k).double().T @ x.reshape(-1, k).double() / (n * length)
+    torch.testing.assert_close(hessian(x, 1.0), hessian(x), rtol=0, atol=0)
+    torch.testing.assert_close(hessian(x), plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hessian(x.reshape(-1, k), 8.0), hessian(x), rtol=0, atol=0)  # (T, K): no samples
