@@ -164,6 +164,7 @@ def test_quantized_graph_computes_what_its_quantized_weights_do(name, method, ti
     from edgekit.host import graph
     from edgekit.host.families import family_of
     from edgekit.host.load import fp32_weights, load
+    from edgekit.host.options import plan_export
     from edgekit.host.quant import quantize
     from edgekit.host.target_fit import set_accuracy_level
 
@@ -172,7 +173,8 @@ def test_quantized_graph_computes_what_its_quantized_weights_do(name, method, ti
     loaded = load(folder)
     family = family_of(loaded.model)
     arch = family.architecture()
-    weights, _ = quantize(loaded, family, arch, fp32_weights(loaded.model), ExportOptions(**fields), lambda _: None)
+    plan = plan_export(ExportOptions(**fields)).quant
+    weights, _ = quantize(loaded, family, arch, fp32_weights(loaded.model), plan, lambda _: None)
     proto = graph.build(family.describe(weights, arch), "fused")
     set_accuracy_level(proto, 1)
 
@@ -194,7 +196,8 @@ def test_scale_groups_leave_the_layer_unchanged_before_rounding(name, tiny, smol
     for every scale group a family declares, the layer must compute exactly what it did."""
     from edgekit.host.families import family_of
     from edgekit.host.load import load
-    from edgekit.host.quant import _scale_groups, awq, layerwise
+    from edgekit.host.quant import awq, layerwise
+    from edgekit.host.quant.layers import scale_groups
 
     folder, _ = tiny(name)
     model = load(folder).model
@@ -203,7 +206,7 @@ def test_scale_groups_leave_the_layer_unchanged_before_rounding(name, tiny, smol
     ids = torch.tensor([smol_tokenizer(PROMPT).input_ids])
     hidden, kwargs = layerwise.first_layer_inputs(model, layer, ids)
     feats, want = layerwise.linear_inputs(layer, layerwise.inputs_of(family.linears), hidden, kwargs)
-    groups = _scale_groups(layer, family, feats)
+    groups = scale_groups(layer, family, feats)
     assert groups, f"{name}: no scale group applies"
     gen = torch.Generator().manual_seed(0)
     for _sg, prev, fcs, x in groups:

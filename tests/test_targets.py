@@ -16,8 +16,9 @@ import pytest
 from edgekit.cli import main
 from edgekit.device import Model, check
 from edgekit.device.session import choose_provider
-from edgekit.device.targets import TargetError, apply_target_defaults, available_targets, load_target
+from edgekit.device.targets import TargetError, available_targets, load_target
 from edgekit.host import ExportError, ExportOptions, export
+from edgekit.host.options import plan_export
 
 REQUIRED = {"rpi4": 4, "rpi5": 8, "jetson-orin-nano": 8, "jetson-agx-orin": 32, "x86-avx2": 8, "x86-avx512": 16}
 REPO = Path(__file__).resolve().parents[1]
@@ -94,16 +95,19 @@ def test_unknown_target_lists_the_known_ones(capsys):
 
 
 def test_target_defaults_apply_where_no_flag_is_given():
-    rpi5, nano = load_target("rpi5"), load_target("jetson-orin-nano")
-    o = apply_target_defaults(ExportOptions(), rpi5)
-    assert (o.quant, o.bits, o.group_size) == ("rtn", 4, 32)
-    assert o.target["name"] == "rpi5" and o.target["threads"] == 4
-    assert apply_target_defaults(ExportOptions(), nano).sym is True  # TensorRT wants zero zero-points
-    assert apply_target_defaults(ExportOptions(quant="none"), rpi5).quant == "none"  # explicit flags win
-    o = apply_target_defaults(ExportOptions(bits=8), rpi5)
-    assert (o.quant, o.bits, o.group_size) == ("rtn", 8, 32)
-    o = apply_target_defaults(ExportOptions(quant="gptq", group_size=128), rpi5)
-    assert (o.quant, o.bits, o.group_size) == ("gptq", 4, 128)
+    def planned(**fields):
+        p = plan_export(ExportOptions(**fields))
+        return None if p.quant is None else (p.quant.method.name, p.quant.spec.bits, p.quant.spec.group_size,
+                                             p.quant.spec.sym)
+
+    rpi5 = load_target("rpi5").quantization
+    assert planned(target="rpi5") == (rpi5["method"], rpi5["bits"], rpi5["group_size"], False)
+    assert plan_export(ExportOptions(target="rpi5")).target["threads"] == 4
+    assert planned(target="jetson-orin-nano")[3] is True  # TensorRT wants zero zero-points
+    assert planned(target="rpi5", quant="none") is None  # explicit flags win
+    assert planned(target="rpi5", bits=8) == (rpi5["method"], 8, rpi5["group_size"], False)
+    assert planned(target="rpi5", quant="gptq", group_size=128) == ("gptq", rpi5["bits"], 128, False)
+    assert planned() is None and plan_export(ExportOptions()).target["name"] == "x86-avx2"  # no target: fp32
 
 
 def test_export_for_several_targets_writes_one_bundle_each(multi_target):

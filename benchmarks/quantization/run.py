@@ -187,10 +187,10 @@ def llmc_row(name: str, work: Path, group_size: int = 64) -> tuple[Path, float]:
     from edgekit.host.export import ExportOptions, write_bundle
     from edgekit.host.families import family_of
     from edgekit.host.load import fp32_weights, load
+    from edgekit.host.options import plan_export
     from edgekit.host.quant import store_embeddings, store_layer
     from edgekit.host.quant.calibration import calibration_ids
     from edgekit.host.quant.nbits import NBitsWeight
-    from edgekit.host.target_fit import resolve_target
 
     if not LLMC_PYTHON.exists():
         raise SystemExit(f"{name}: llm-compressor's venv is missing; run bash {HERE / 'setup_peer_llmcompressor.sh'}")
@@ -227,7 +227,7 @@ def llmc_row(name: str, work: Path, group_size: int = 64) -> tuple[Path, float]:
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    write_bundle(out, loaded, arch, proto, resolve_target(ExportOptions()), "fused",
+    write_bundle(out, loaded, arch, proto, plan_export(ExportOptions()),
                  quantization={"method": name, "bits": 4, "group_size": group_size, "symmetric": False,
                                "accuracy_level": 4, "tool": "llmcompressor GPTQModifier", "seconds": seconds})
     return out, seconds

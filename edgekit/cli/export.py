@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from edgekit.errors import UserError
+from edgekit.quantization import METHODS
 
 
 def register(sub) -> None:
@@ -23,11 +24,12 @@ def register(sub) -> None:
                         "own; models without one take plain prompts)")
     p.add_argument("--fit-context", action="store_true",
                    help="shrink the context length until the bundle fits the target's memory instead of refusing")
-    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH[:WEIGHT]",
+    p.add_argument("--adapter", action="append", default=[], dest="adapters", metavar="[NAME=]PATH[:WEIGHT]",
                    help="a PEFT adapter folder to merge (LoRA) or bake in (prefix tuning); repeatable")
     q = p.add_argument_group("quantization")
-    q.add_argument("--quant", choices=["none", "rtn", "gptq", "awq", "smoothquant", "w8a8", "int4-best"],
-                   help="method (default: none); w8a8 is SmoothQuant without smoothing, its baseline")
+    q.add_argument("--quant", choices=["none", *METHODS], metavar="METHOD",
+                   help="none (default without --target), or: " + "; ".join(f"{m.name}: {m.summary}"
+                                                                          for m in METHODS.values()))
     q.add_argument("--bits", type=int, help="weight bits: 4 or 8")
     q.add_argument("--group-size", type=int, help="weights per scale: 32, 64, 128, or 0 for per-channel")
     q.add_argument("--sym", action="store_true", help="symmetric weights, no zero points (default: asymmetric)")
@@ -53,21 +55,15 @@ def _run_export(args) -> int:
     except ImportError as e:
         raise UserError(f"export needs the host side ({e}); from the edgekit checkout: "
                         f"pip install -c constraints.txt -e '.[export]'") from None
-    if args.context_length is not None and args.context_length < 2:
-        raise UserError("--context-length must be at least 2")
+    from dataclasses import fields
     from pathlib import Path
 
     from edgekit.device.targets import load_targets
 
     targets = load_targets(args.target) if args.target else [None]  # all of them, before any work: fail fast
     for t in targets:
-        options = ExportOptions(context_length=args.context_length, adapters=args.adapter, quant=args.quant,
-                                bits=args.bits, group_size=args.group_size, sym=args.sym, calib=args.calib,
-                                calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
-                                damp=args.damp, act_order=args.act_order, awq_grid=args.awq_grid, alpha=args.alpha,
-                                lm_head_bits=args.lm_head_bits, flavour=args.flavour,
-                                chat_template=args.chat_template,
-                                fit_context=args.fit_context, **({"target": t.path} if t else {}))
+        given = {f.name: getattr(args, f.name) for f in fields(ExportOptions) if f.name != "target"}  # one flag each
+        options = ExportOptions(target=t.path if t else None, **given)
         out = Path(args.out) / t.name if t and len(targets) > 1 else args.out  # several targets: one folder each
         print(export(args.source, out, options))
     return 0

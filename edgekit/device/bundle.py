@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError
+from edgekit.quantization import METHODS
 
 FORMAT_VERSION = 1
 MANIFEST = "edgekit.json"
@@ -72,7 +73,7 @@ class GraphInfo:
 class Quantization:
     """What quantization made of the weights ({"method": "none"}: fp32)."""
 
-    method: str = "none"  # none | rtn | gptq | awq | smoothquant | w8a8
+    method: str = "none"  # none | a name of edgekit/quantization.py's METHODS
     bits: int | None = None
     group_size: int | None = None  # weights per scale; 0: per output channel
     symmetric: bool | None = None
@@ -85,7 +86,8 @@ class Quantization:
         "smoothquant"."""
         if self.method == "none":
             return "none"
-        if self.method in ("smoothquant", "w8a8"):  # int8 weights per channel, int8 activations
+        row = METHODS.get(self.method)
+        if row is not None and row.int8_activations:  # int8 weights per channel, int8 activations
             return self.method
         groups = "per-channel" if self.group_size == 0 else f"g{self.group_size}"
         return f"{self.method} int{self.bits} {groups}{' sym' if self.symmetric else ''}"

@@ -23,14 +23,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgekit.errors import InputError
+from edgekit.quantization import METHODS
 
 FLAVOURS = ("fused", "portable")
-QUANT_METHODS = ("none", "rtn", "gptq", "awq", "smoothquant")
 KNOWN_PROVIDERS = (
     "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider",
     "XnnpackExecutionProvider", "ACLExecutionProvider", "ArmNNExecutionProvider",
@@ -135,16 +135,19 @@ def parse_target(raw: Any, source: str = "<profile>") -> Target:
     if raw["graph_flavour"] not in FLAVOURS:
         raise bad("graph_flavour", f"must be one of {', '.join(FLAVOURS)}, got {json.dumps(raw['graph_flavour'])}")
     q = raw["quantization"]
-    if q.get("method") not in QUANT_METHODS:
+    if q.get("method") != "none" and q.get("method") not in METHODS:
         raise bad("quantization.method",
-                  f"must be one of {', '.join(QUANT_METHODS)}, got {json.dumps(q.get('method'))}")
+                  f"must be one of none, {', '.join(METHODS)}, got {json.dumps(q.get('method'))}")
     if q["method"] != "none":
-        if q.get("bits") not in (4, 8):
-            raise bad("quantization.bits", f"must be 4 or 8, got {json.dumps(q.get('bits'))}")
-        gs = q.get("group_size")
-        if not isinstance(gs, int) or isinstance(gs, bool) or (gs and (gs < 16 or gs & (gs - 1))):
+        method = METHODS[q["method"]]
+        if q.get("bits", method.bits[0]) not in method.bits:
+            raise bad("quantization.bits", f"must be {' or '.join(map(str, method.bits))} for {method.name}, "
+                                           f"got {json.dumps(q.get('bits'))}")
+        gs = q.get("group_size", method.group_size_for(q.get("bits", method.bits[0])))
+        if gs not in method.group_sizes:
             raise bad("quantization.group_size",
-                      f"must be 0 (per channel) or a power of two >= 16, got {json.dumps(gs)}")
+                      f"must be one of {', '.join(map(str, method.group_sizes))} for {method.name} "
+                      f"(0: per output channel), got {json.dumps(gs)}")
     if raw["threads"] is not None and raw["threads"] < 1:
         raise bad("threads", f"must be a positive integer or null, got {raw['threads']}")
     if raw["matmulnbits_accuracy_level"] not in (0, 1, 2, 3, 4):
@@ -207,29 +210,3 @@ def load_targets(specs: str) -> list[Target]:
     if len(set(names)) != len(names):
         raise TargetError(f"--target names a profile twice: {specs}")
     return [load_target(n) for n in names]
-
-
-def apply_target_defaults(options: Any, target: Target) -> Any:
-    """`options` (a dataclass such as host.export.ExportOptions) for `target`: the target's
-    manifest dict, and its default quantization in every field the user left as None.
-
-    Explicit choices win: a field that is not None (including quant="none") is kept.
-    """
-    names = {f.name for f in fields(options)}
-    changes: dict[str, Any] = {"target": target.manifest_dict()}
-    if "flavour" in names and getattr(options, "flavour", None) is None:
-        changes["flavour"] = target.graph_flavour
-    defaults = dict(target.quantization)
-    defaults["quant"] = defaults.pop("method")
-    if getattr(options, "quant", None) is None:
-        # no method given: the target's whole default; `sym` is a plain bool (no "not given"),
-        # and only means something with the method it came with
-        for key, value in defaults.items():
-            if key in names and (getattr(options, key) is None or key == "sym"):
-                changes[key] = value
-    elif options.quant != "none" and defaults["quant"] != "none":
-        # the user chose a method: its bits and group size still default to the target's
-        for key in ("bits", "group_size"):
-            if key in names and getattr(options, key) is None and key in defaults:
-                changes[key] = defaults[key]
-    return replace(options, **changes)

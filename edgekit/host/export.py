@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,42 +39,10 @@ from edgekit.host import chat_format, graph
 from edgekit.host.adapters import apply_adapters
 from edgekit.host.families import family_of
 from edgekit.host.load import SHIPPED, LoadedModel, fp32_weights, load
-from edgekit.host.target_fit import (
-    accuracy_level,
-    check_target_fit,
-    graph_manifest,
-    resolve_target,
-    set_accuracy_level,
-)
+from edgekit.host.options import ExportOptions, ExportPlan, plan_export
+from edgekit.host.target_fit import accuracy_level, check_target_fit, graph_manifest, set_accuracy_level
 
-# The device profile used until targets/ profiles are chosen explicitly.
-DEFAULT_TARGET = {"name": "x86-avx2", "arch": "x86_64", "execution_providers": ["CPUExecutionProvider"]}
-
-
-@dataclass
-class ExportOptions:
-    context_length: int | None = None  # KV cache length; default min(2048, the model's maximum)
-    # a targets/ profile name (its defaults fill the fields left None; device/targets.py) or a resolved dict
-    target: dict | str = field(default_factory=lambda: dict(DEFAULT_TARGET))
-    adapters: list[str] = field(default_factory=list)  # "[name=]path[:weight]" specs (host/adapters.py)
-    flavour: str | None = None  # fused | portable (host/graph/); None: the target's, else fused
-    chat_template: str | None = None  # an instruction-format name or a Jinja file; None: the model's own
-    # quantization (host/quant/); None means the method's or the target's default
-    quant: str | None = None  # none | rtn | gptq | awq | smoothquant
-    bits: int | None = None
-    group_size: int | None = None
-    sym: bool = False  # symmetric weight grids (no zero points); asymmetric is more accurate at 4 bits
-    fit_context: bool = False  # shrink context_length to fit the target's memory instead of refusing
-    calib: str | None = None  # a .txt or .jsonl file; None: the built-in default text
-    calib_samples: int | None = None
-    calib_seq_len: int | None = None
-    seed: int = 0
-    # one method's knobs; None: its default (host/quant/__init__.py resolve)
-    damp: float | None = None  # gptq dampening, fraction of the Hessian's mean diagonal
-    act_order: bool | None = None  # gptq column order by decreasing activation
-    awq_grid: int | None = None  # awq scale-search grid points
-    alpha: float | None = None  # smoothquant migration strength
-    lm_head_bits: int | None = None  # 8 (per channel, default) or 4 (blocks of 32)
+__all__ = ["ExportOptions", "export", "write_bundle"]
 
 
 def export(source: str | Path, out: str | Path, options: ExportOptions | None = None,
@@ -83,21 +51,13 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
 
     Returns the bundle's path. Raises ExportError for unusable input; `out` is then untouched.
     """
-    options = resolve_target(options or ExportOptions())
-    target = options.target
-    assert isinstance(target, dict)  # resolve_target reads a profile name into the profile's manifest dict
+    plan = plan_export(options or ExportOptions())  # every setting checked before the model loads
+    target = plan.target
     say = progress or _stderr
     out = Path(out)
     _check_out(out)
-    if options.chat_template:
-        chat_format.template_text(options.chat_template)  # an unknown format fails before the model loads
-    quantizing = options.quant not in (None, "none")
-    if not quantizing:
-        _check_no_quant_flags(options)
-    if quantizing:
-        from edgekit.host.quant import resolve as check_quant_options
-
-        check_quant_options(options)  # unsupported bits or group size fail before the model loads
+    if plan.options.chat_template:
+        chat_format.template_text(plan.options.chat_template)  # an unknown format fails before the model loads
 
     t = time.perf_counter()
     say(f"[1/3] loading {source}")
@@ -105,21 +65,21 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     say(f"      {loaded.model.config.model_type}, {sum(p.numel() for p in loaded.model.parameters()) / 1e6:.1f}M "
         f"parameters ({time.perf_counter() - t:.1f}s)")
     # adapters merge into the fp32 weights here, so calibration and quantization see the adapted model
-    adapter_records, prefix = apply_adapters(loaded, options.adapters, say)
+    adapter_records, prefix = apply_adapters(loaded, plan.options.adapters, say)
 
     t = time.perf_counter()
-    flavour = options.flavour or target.get("graph_flavour", "fused")
+    flavour = plan.flavour
     say(f"[2/3] building the {flavour} ONNX graph")
     family = family_of(loaded.model)
-    arch = family.architecture(options.context_length)
+    arch = family.architecture(plan.options.context_length)
     weights = fp32_weights(loaded.model)
     quant_record = None
-    if quantizing:
+    if plan.quant is not None:
         from edgekit.host.quant import quantize  # imported only when asked for
 
         tq = time.perf_counter()
-        say(f"      quantizing: {options.quant}")
-        weights, quant_record = quantize(loaded, family, arch, weights, options, say)
+        say(f"      quantizing: {plan.quant.method.name}")
+        weights, quant_record = quantize(loaded, family, arch, weights, plan.quant, say)
         say(f"      quantized ({time.perf_counter() - tq:.1f}s)")
     decoder = family.describe(weights, arch)
     model_proto = graph.build(decoder, flavour)
@@ -131,7 +91,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
         quant_record["accuracy_level"] = accuracy_level(model_proto)
     say(f"      {len(model_proto.graph.node)} nodes, context length {arch.context_length} "
         f"({time.perf_counter() - t:.1f}s)")
-    check_target_fit(model_proto, arch, options, flavour, say)  # operators and memory on the device (device/check.py)
+    check_target_fit(model_proto, arch, plan, say)  # operators and memory on the device (device/check.py)
 
     t = time.perf_counter()
     say(f"[3/3] writing the bundle to {out}")
@@ -140,8 +100,8 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     except OSError as e:
         raise ExportError(f"--out {out}: cannot write there ({e.strerror})") from None
     try:
-        write_bundle(tmp, loaded, arch, model_proto, options, flavour, quantization=quant_record,
-                     adapters=adapter_records, prefix=prefix)
+        write_bundle(tmp, loaded, arch, model_proto, plan, quantization=quant_record, adapters=adapter_records,
+                     prefix=prefix)
         _apply_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -153,16 +113,16 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
     return out
 
 
-def write_bundle(folder: Path, loaded: LoadedModel, arch, model_proto: onnx.ModelProto,
-                 options: ExportOptions, flavour: str, quantization: dict | None = None, adapters: list | None = None,
+def write_bundle(folder: Path, loaded: LoadedModel, arch, model_proto: onnx.ModelProto, plan: ExportPlan,
+                 quantization: dict | None = None, adapters: list | None = None,
                  prefix: np.ndarray | None = None) -> None:
     """Write the bundle's files and manifest into `folder`; `prefix` (layers, 2, kv_heads, P, head_size)
     is a prefix-tuning adapter's keys and values, saved as prefix_kv.npz for the runtime's cache."""
     onnx.save_model(model_proto, folder / "model.onnx", save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
     tok = loaded.tokenizer
-    if options.chat_template:
-        tok.chat_template = chat_format.template_text(options.chat_template)
+    if plan.options.chat_template:
+        tok.chat_template = chat_format.template_text(plan.options.chat_template)
     tok.backend_tokenizer.save(str(folder / "tokenizer.json"))
     chat = chat_format.derive(tok)
     if chat is not None:
@@ -170,8 +130,8 @@ def write_bundle(folder: Path, loaded: LoadedModel, arch, model_proto: onnx.Mode
     manifest = Manifest(
         architecture=arch,
         quantization=from_record(Quantization, quantization or {"method": "none", "dtype": "float32"}),
-        target=from_record(TargetInfo, options.target or {}),
-        graph=graph_manifest(model_proto, flavour),
+        target=from_record(TargetInfo, plan.target),
+        graph=graph_manifest(model_proto, plan.flavour),
         generation=generation_defaults(loaded),
         chat=chat,
         source=Source(spec=loaded.source.spec, gguf_file=loaded.source.gguf_file,
@@ -214,23 +174,6 @@ def generation_defaults(loaded: LoadedModel) -> Generation:
         repetition_penalty=float(gc.repetition_penalty or 1.0),
     )
     return replace(defaults, **shipped.generation) if shipped is not None else defaults
-
-
-def flag(option: str) -> str:
-    """The command-line flag that sets ExportOptions.`option`."""
-    return "--no-act-order" if option == "act_order" else f"--{option.replace('_', '-')}"
-
-
-def _check_no_quant_flags(options: ExportOptions) -> None:
-    """Quantization settings without a method would be silently ignored: refuse them."""
-    knobs = ("bits", "group_size", "calib", "calib_samples", "calib_seq_len", "damp", "act_order", "awq_grid", "alpha",
-             "lm_head_bits")
-    given = [flag(k) for k in knobs if getattr(options, k) is not None]
-    given += ["--sym"] if options.sym else []
-    if given:
-        verb = "apply" if len(given) > 1 else "applies"
-        raise ExportError(f"{', '.join(given)} only {verb} when quantizing; add --quant rtn, gptq, awq or "
-                          "smoothquant (or drop them for an fp32 bundle)")
 
 
 def _check_out(out: Path) -> None:

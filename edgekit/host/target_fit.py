@@ -13,6 +13,7 @@ from onnx import helper
 from edgekit.device.bundle import FLAVOUR_INPUTS, Architecture, GraphInfo
 from edgekit.errors import ExportError
 from edgekit.host.graph.proto import OPSET
+from edgekit.host.options import ExportPlan
 
 
 def graph_manifest(model: onnx.ModelProto, flavour: str) -> GraphInfo:
@@ -48,19 +49,6 @@ def accuracy_level(model: onnx.ModelProto) -> int | None:
     return levels.pop() if levels else None
 
 
-def resolve_target(options):
-    """ExportOptions whose `target` names a targets/ profile -> the profile's manifest dict,
-    with its defaults in every option the user left as None (device/targets.py)."""
-    from edgekit.device.targets import TargetError, apply_target_defaults, load_target
-
-    if not isinstance(options.target, str):
-        return options
-    try:
-        return apply_target_defaults(options, load_target(options.target))
-    except TargetError as e:
-        raise ExportError(str(e)) from None
-
-
 def initializer_bytes(model: onnx.ModelProto) -> int:
     """The bytes of every initializer, as stored (4-bit tensors packed two per byte)."""
     total = 0
@@ -72,14 +60,14 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def check_target_fit(model: onnx.ModelProto, arch: Architecture, options, flavour: str, say) -> None:
+def check_target_fit(model: onnx.ModelProto, arch: Architecture, plan: ExportPlan, say) -> None:
     """At export time: every operator runs on the target's execution providers, and the
     bundle fits in its memory (device/check.py). Fallbacks are reported; an operator no
     provider implements, or a bundle that cannot fit, raises ExportError."""
     from edgekit.device import check
 
-    target = options.target
-    if "graph_flavour" not in target:  # the built-in default, not a targets/ profile: nothing to check against
+    target, flavour = plan.target, plan.flavour
+    if plan.profile is None:  # the built-in default, not a targets/ profile: nothing to check against
         return
     ops = graph_manifest(model, flavour).operators
     report = check.check_operators(ops, target["execution_providers"])
@@ -87,13 +75,13 @@ def check_target_fit(model: onnx.ModelProto, arch: Architecture, options, flavou
         say(f"      {line}")
     if report.unsupported:
         raise ExportError(f"target {target['name']}: {report.summary()}; choose another graph flavour or target")
-    quantized = options.quant not in (None, "none")
+    quantized = plan.quant is not None
     level = target.get("matmulnbits_accuracy_level", 4)
     est = check.estimate_memory(arch, initializer_bytes(model), flavour, quantized=quantized,
                                 accuracy_level=level)
     budget = check.available_mb(target)
     say(f"      memory on {target['name']}: {est.describe()} of {budget:.0f} MB available")
-    if est.total_mb > budget and getattr(options, "fit_context", False):
+    if est.total_mb > budget and plan.options.fit_context:
         # the graph does not depend on the context length beyond its rotary table, which may be longer:
         # a shorter KV cache is only the manifest's number
         n = check.largest_context(arch, initializer_bytes(model), flavour, budget, quantized, level)

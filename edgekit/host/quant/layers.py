@@ -1,0 +1,99 @@
+"""One decoder layer quantized by each method: the functions edgekit/quantization.py's rows name.
+
+    quantize_layer(layer, family, feats, kwargs, plan) -> {Linear path: quantized weight}
+
+`feats` are the calibration inputs of the layer's Linears (None for methods that calibrate
+nothing), `kwargs` what the layer's forward takes besides the hidden states.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edgekit.host.quant import awq as awq_
+from edgekit.host.quant import layerwise
+from edgekit.host.quant.gptq import gptq, hessian, single_thread
+from edgekit.host.quant.plan import QuantPlan
+from edgekit.host.quant.rtn import rtn
+from edgekit.host.quant.smoothquant import smooth
+from edgekit.host.quant.w8a8 import quantize_w8a8
+
+
+def rtn_layer(layer, family, feats, kwargs, plan: QuantPlan) -> dict:
+    return {path: rtn(layer.get_submodule(path).weight.data, plan.spec) for path in family.linears}
+
+
+def gptq_layer(layer, family, feats: dict, kwargs, plan: QuantPlan) -> dict:
+    """GPTQ treats rows independently given the Hessian of their input, so the Linears that
+    share an input (q/k/v, gate/up) run as one stacked weight: one column loop instead of three."""
+    config = plan.gptq
+    quantized = {}
+    for key, paths in layerwise.readers(family.linears).items():
+        ws = [layer.get_submodule(p).weight.data for p in paths]
+        q = gptq(torch.cat(ws), hessian(feats[key], config.sink_weight), plan.spec, config)
+        r = np.cumsum([0] + [w.shape[0] for w in ws])
+        quantized.update({p: q.take_rows(np.arange(r[j], r[j + 1])) for j, p in enumerate(paths)})
+    return quantized
+
+
+def awq_layer(layer, family, feats: dict, kwargs: layerwise.LayerKwargs, plan: QuantPlan) -> dict:
+    """Scale search and apply, then clip search, then RTN of the scaled, clipped weights."""
+    spec, config = plan.spec, plan.awq
+    inputs = {}
+    with single_thread():  # many small ops per grid point (see gptq.single_thread): 6x faster measured
+        for sg, prev, fcs, x in scale_groups(layer, family, feats):
+            group = awq_.ScaleGroup(prev, fcs, x, layerwise.scorer(layer, sg.scored, kwargs), family.norm_offset)
+            awq_.apply_scale(group, awq_.search_scale(group, spec, config))
+            for fc in fcs:
+                inputs[fc] = group.x
+        quantized = {}
+        for path, key in family.linears.items():
+            fc = layer.get_submodule(path)
+            w = fc.weight.data
+            if config.clip and path not in family.no_clip:
+                x = inputs.get(fc, feats[key])
+                w = awq_.search_clip(w, x.reshape(-1, x.shape[-1]), spec, config)
+            quantized[path] = rtn(w, spec)
+    return quantized
+
+
+def smooth_layer(layer, family, feats: dict, kwargs, plan: QuantPlan) -> dict:
+    """Migrate the activations' outliers into the weights, then int8 weights for int8-per-token activations."""
+    for sg, prev, fcs, x in scale_groups(layer, family, feats):
+        if sg.smooth:
+            act_max = x.abs().reshape(-1, x.shape[-1]).amax(0)  # (K,)
+            smooth(prev, fcs, act_max, plan.alpha, family.norm_offset)
+    return {path: quantize_w8a8(layer.get_submodule(path).weight.data, "per_token") for path in family.linears}
+
+
+def w8a8_layer(layer, family, feats, kwargs, plan: QuantPlan) -> dict:
+    """int8 weights, activations per tensor, no smoothing: the baseline of the SmoothQuant paper."""
+    return {path: quantize_w8a8(layer.get_submodule(path).weight.data, "per_tensor") for path in family.linears}
+
+
+def settings_record(family, plan: QuantPlan) -> dict:
+    """The settings of the method's algorithm, for the manifest's quantization record."""
+    if plan.method.layer == "gptq_layer":
+        c = plan.gptq
+        return dict(percdamp=c.percdamp, act_order=c.act_order, lazy_block=c.block_size, sink_weight=c.sink_weight,
+                    mse=c.mse)
+    if plan.method.layer == "awq_layer":
+        return dict(n_grid=plan.awq.n_grid, search_tokens=plan.awq.search_tokens, clip=plan.awq.clip)
+    if plan.method.layer == "smooth_layer":
+        return dict(alpha=plan.alpha, smoothed=", ".join(f"{g.prev}->{'/'.join(g.linears)}"
+                                                        for g in family.scale_groups))
+    return {}
+
+
+def scale_groups(layer, family, feats: dict) -> list[tuple]:
+    """The family's scale groups as (prev module, Linears, their input) that apply to this layer:
+    a Linear feeding Linears needs its output rows to be their input channels (not so for v_proj
+    and o_proj under grouped-query attention)."""
+    groups = []
+    for sg in family.scale_groups:
+        prev, fcs = layer.get_submodule(sg.prev), [layer.get_submodule(p) for p in sg.linears]
+        if isinstance(prev, torch.nn.Linear) and prev.out_features != fcs[0].in_features:
+            continue
+        groups.append((sg, prev, fcs, feats[family.linears[sg.linears[0]]]))
+    return groups
