@@ -82,13 +82,12 @@ def _nbits_attrs(bundle) -> list[dict]:
             for n in model.graph.node if n.op_type == "MatMulNBits"]
 
 
-def test_int4_best_exports_an_int4_g32_matmulnbits_bundle_that_records_the_preset(tiny_folder, calib_file,
+def test_int4_best_exports_an_int4_g32_matmulnbits_bundle_that_records_its_recipe(tiny_folder, calib_file,
                                                                                    tmp_path):
     bundle = export(tiny_folder, tmp_path / "best", ExportOptions(quant="int4-best", calib=str(calib_file), **CALIB),
                     progress=lambda _: None)
     q = json.loads((bundle / "edgekit.json").read_text())["quantization"]
-    assert q["preset"] == "int4-best"
-    assert (q["method"], q["bits"], q["group_size"], q["symmetric"]) == ("gptq", 4, 32, False)
+    assert (q["method"], q["bits"], q["group_size"], q["symmetric"]) == ("int4-best", 4, 32, False)
     assert q["sink_weight"] > 1 and q["mse"] is True
     assert q["calibration"]["source"] == f"{calib_file} + {DEFAULT_SOURCE}, half each"
     attrs = _nbits_attrs(bundle)
@@ -104,7 +103,7 @@ def test_int4_best_without_calib_uses_the_default_text(tiny_folder, tmp_path):
     bundle = export(tiny_folder, tmp_path / "best", ExportOptions(quant="int4-best", **CALIB),
                     progress=lambda _: None)
     q = json.loads((bundle / "edgekit.json").read_text())["quantization"]
-    assert q["preset"] == "int4-best" and q["calibration"]["source"] == DEFAULT_SOURCE
+    assert q["method"] == "int4-best" and q["calibration"]["source"] == DEFAULT_SOURCE
 
 
 def test_int4_best_refuses_other_bits_with_what_to_do(tiny_folder, tmp_path):

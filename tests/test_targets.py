@@ -19,6 +19,7 @@ from edgekit.device.session import choose_provider
 from edgekit.device.targets import TargetError, available_targets, load_target
 from edgekit.host import ExportError, ExportOptions, export
 from edgekit.host.options import plan_export
+from edgekit.quantization import METHODS
 
 REQUIRED = {"rpi4": 4, "rpi5": 8, "jetson-orin-nano": 8, "jetson-agx-orin": 32, "x86-avx2": 8, "x86-avx512": 16}
 REPO = Path(__file__).resolve().parents[1]
@@ -100,13 +101,14 @@ def test_target_defaults_apply_where_no_flag_is_given():
         return None if p.quant is None else (p.quant.method.name, p.quant.spec.bits, p.quant.spec.group_size,
                                              p.quant.spec.sym)
 
-    rpi5 = load_target("rpi5").quantization
-    assert planned(target="rpi5") == (rpi5["method"], rpi5["bits"], rpi5["group_size"], False)
+    rpi5 = METHODS[load_target("rpi5").quantization["method"]]  # int4-best: GPTQ int4 g32
+    bits, group = rpi5.bits[0], rpi5.group_size_for(rpi5.bits[0])
+    assert planned(target="rpi5") == (rpi5.name, bits, group, False)
     assert plan_export(ExportOptions(target="rpi5")).target["threads"] == 4
     assert planned(target="jetson-orin-nano")[3] is True  # TensorRT wants zero zero-points
     assert planned(target="rpi5", quant="none") is None  # explicit flags win
-    assert planned(target="rpi5", bits=8) == (rpi5["method"], 8, rpi5["group_size"], False)
-    assert planned(target="rpi5", quant="gptq", group_size=128) == ("gptq", rpi5["bits"], 128, False)
+    assert planned(target="rpi5", quant="rtn") == ("rtn", 4, 128, False)  # the method's own defaults
+    assert planned(target="rpi5", quant="gptq", group_size=64) == ("gptq", 4, 64, False)
     assert planned() is None and plan_export(ExportOptions()).target["name"] == "x86-avx2"  # no target: fp32
 
 
@@ -117,7 +119,7 @@ def test_export_for_several_targets_writes_one_bundle_each(multi_target):
     assert m.target.name == "rpi4" and m.target.threads == 4
     assert m.target.execution_providers == ["CPUExecutionProvider"]
     assert m.target.session_config == {"session.intra_op.allow_spinning": "0"}
-    assert m.quantization.method == "rtn" and m.graph.flavour == "fused"
+    assert m.quantization.method == load_target("rpi4").quantization["method"] and m.graph.flavour == "fused"
     assert "com.microsoft::MatMulNBits" in m.graph.operators
     graph = onnx.load(str(multi_target / "rpi4" / "model.onnx"), load_external_data=False)
     levels = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
