@@ -91,14 +91,17 @@ def divide_output(prev: torch.nn.Module, s: torch.Tensor, norm_offset: float = 0
         LayerNorm   y = norm(x) * weight + bias: both divided
         RMSNorm     y = x / rms(x) * (offset + weight): offset + weight divided
     """
+    weight = prev.weight
+    assert isinstance(weight, torch.Tensor), f"{type(prev).__name__} has no weight tensor to scale"
     if isinstance(prev, torch.nn.Linear):
-        prev.weight.data = prev.weight.data / s[:, None]
+        weight.data = weight.data / s[:, None]
     elif norm_offset:
-        prev.weight.data = (prev.weight.data + norm_offset) / s - norm_offset
+        weight.data = (weight.data + norm_offset) / s - norm_offset
     else:
-        prev.weight.data = prev.weight.data / s
-    if getattr(prev, "bias", None) is not None:
-        prev.bias.data = prev.bias.data / s
+        weight.data = weight.data / s
+    bias = getattr(prev, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.data = bias.data / s
 
 
 @torch.no_grad()

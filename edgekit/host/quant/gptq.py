@@ -121,6 +121,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, config: GPTQConfig =
 def _columns(W, U, Q, perm, scales, zeros, static, spec: QuantSpec, config: GPTQConfig) -> None:
     """Algorithm 1's loop: quantize column by column, in lazy batches; fills Q (and the grids)."""
     k, gs = W.shape[1], spec.group_size
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
     for i1 in range(0, k, config.block_size):
         i2 = min(i1 + config.block_size, k)
         W1 = W[:, i1:i2].clone()  # (N, B): this block, updated eagerly
@@ -135,6 +137,7 @@ def _columns(W, U, Q, perm, scales, zeros, static, spec: QuantSpec, config: GPTQ
                 if (i1 + i) % gs == 0:  # a new group starts: its grid from the error-updated weights
                     scale, zero = (params_mse if config.mse else params)(W1[:, i:i + gs], spec)
                     scales[:, col // gs], zeros[:, col // gs] = scale, zero
+            assert scale is not None and zero is not None  # column 0 starts a group
             w_col = W1[:, i]
             q = fake_quant(w_col[:, None], scale, zero, spec)[:, 0]
             Q[:, i1 + i] = q

@@ -125,5 +125,6 @@ def scorer(layer, paths: tuple[str, ...], kwargs: LayerKwargs):
             y = module(x, **{k: v for k, v in kw.items() if k in accepts}, **extra)
             y = y[0] if isinstance(y, tuple) else y
             total = y if total is None else total + y
+        assert total is not None  # a scored group has at least one module
         return total
     return score
