@@ -28,7 +28,8 @@ def register(sub) -> None:
                    help="a PEFT adapter folder to merge (LoRA) or bake in (prefix tuning); repeatable")
     q = p.add_argument_group("quantization")
     q.add_argument("--quant", choices=["none", *METHODS], metavar="METHOD",
-                   help="none (default without --target), or: " + "; ".join(f"{m.name}: {m.summary}"
+                   help="default: the target's (int4-best for every shipped profile that quantizes), none without "
+                        "--target; or: " + "; ".join(f"{m.name}: {m.summary}"
                                                                           for m in METHODS.values()))
     q.add_argument("--bits", type=int, help="weight bits: 4 or 8")
     q.add_argument("--group-size", type=int, help="weights per scale: 32, 64, 128, or 0 for per-channel")
