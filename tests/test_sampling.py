@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from edgekit.device.sampling import SamplingConfig, distribution, sample
@@ -120,3 +122,31 @@ def test_generation_reports_the_models_log_probabilities(tiny_bundle):
     first = done.logprobs[0]
     assert first["id"] == done.token_ids[0] and first["top"][0]["id"] == first["id"]  # greedy: the likeliest
     assert first["logprob"] == first["top"][0]["logprob"] <= 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), vocab=st.sampled_from([2, 65, 1000, 49152]), scale=st.floats(0.1, 30),
+       temperature=st.floats(0.05, 2.0), top_k=st.sampled_from([0, 1, 50, 100]), top_p=st.floats(0.01, 1.0),
+       ties=st.booleans())
+def test_distribution_is_the_head_of_a_full_sort(seed, vocab, scale, temperature, top_k, top_p, ties):
+    """Top-p looks only at the head of the distribution (a full sort of 49k logits is most of a
+    decode step): the ids, their order and their probabilities are those of a full stable sort."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, scale, vocab).astype(np.float32)
+    if ties:
+        logits = np.round(logits)  # many equal logits: ordered by id, as a stable sort does
+    cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    ids, probs = distribution(logits, cfg, np.empty(0, np.int64))
+
+    z = logits / np.float32(temperature)
+    if top_k and top_k < vocab:
+        z = np.where(z < np.partition(z, -top_k)[-top_k], -np.inf, z)
+    order = np.argsort(-z, kind="stable")
+    want = np.exp(z[order] - z[order[0]])
+    want /= want.sum()
+    if top_p < 1.0:
+        cut = int(np.searchsorted(np.cumsum(want), top_p)) + 1
+        order, want = order[:cut], want[:cut] / want[:cut].sum()
+    keep = want > 0
+    assert ids.tolist() == order[keep].tolist()
+    np.testing.assert_allclose(probs, want[keep], rtol=1e-5, atol=1e-7)
