@@ -27,10 +27,10 @@ def register(sub) -> None:
     p.add_argument("--adapter", action="append", default=[], dest="adapters", metavar="[NAME=]PATH[:WEIGHT]",
                    help="a PEFT adapter folder to merge (LoRA) or bake in (prefix tuning); repeatable")
     q = p.add_argument_group("quantization")
+    methods = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
     q.add_argument("--quant", choices=["none", *METHODS], metavar="METHOD",
                    help="default: the target's (int4-best for every shipped profile that quantizes), none without "
-                        "--target; or: " + "; ".join(f"{m.name}: {m.summary}"
-                                                                          for m in METHODS.values()))
+                        f"--target; or: {methods}")
     q.add_argument("--bits", type=int, help="weight bits: 4 or 8")
     q.add_argument("--group-size", type=int, help="weights per scale: 32, 64, 128, or 0 for per-channel")
     q.add_argument("--sym", action="store_true", help="symmetric weights, no zero points (default: asymmetric)")
