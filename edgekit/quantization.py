@@ -10,7 +10,7 @@ Standard library only: the device side reads it to validate profiles and label b
     awq          awq_layer       yes         int4/8    MatMulNBits            float32
     smoothquant  smooth_layer    yes         int8      MatMulInteger          int8, dynamic per token
     w8a8         w8a8_layer      no          int8      DynamicQuantizeMatMul  uint8, dynamic per tensor
-    int4-best    gptq_layer      yes         int4 g32  MatMulNBits            float32 (a preset: see its summary)
+    int4-best    gptq_layer      yes         int4 g32  MatMulNBits            float32 (a recipe of gptq: preset_of)
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class Method:
     group_sizes: tuple[int, ...] = GROUP_SIZES  # weights per scale it offers
     default_group_size: int | None = None  # None: 128 at 4 bits, per channel at 8
     mixed_calibration: bool = False  # half of the samples from --calib, half from the default text
+    preset_of: str | None = None  # a recipe of that method, at fixed bits
 
     @property
     def int8_activations(self) -> bool:
@@ -59,6 +60,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            (8,), "DynamicQuantizeMatMul", "uint8, dynamic per tensor", group_sizes=(0,)),
     Method("int4-best", "the best int4 edgekit makes: GPTQ in groups of 32, calibrated on --calib and a general "
            "text half each, so quality holds off the calibration's domain", "gptq_layer", True, (4,),
-           "MatMulNBits", "float32", default_group_size=32, mixed_calibration=True),
+           "MatMulNBits", "float32", default_group_size=32, mixed_calibration=True, preset_of="gptq"),
 )}
 

@@ -108,6 +108,7 @@ def test_target_defaults_apply_where_no_flag_is_given():
     assert planned(target="jetson-orin-nano")[3] is True  # TensorRT wants zero zero-points
     assert planned(target="rpi5", quant="none") is None  # explicit flags win
     assert planned(target="rpi5", quant="rtn") == ("rtn", 4, 128, False)  # the method's own defaults
+    assert planned(target="rpi5", bits=8) == ("gptq", 8, 0, False)  # int4-best is 4-bit: the method it is a recipe of
     assert planned(target="rpi5", quant="gptq", group_size=64) == ("gptq", 4, 64, False)
     assert planned() is None and plan_export(ExportOptions()).target["name"] == "x86-avx2"  # no target: fp32
 

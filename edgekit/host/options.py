@@ -90,13 +90,17 @@ def with_target_defaults(options: ExportOptions, profile: Target) -> ExportOptio
     """`options` with the profile's default quantization in every field the user left as None.
 
     Explicit choices win: a method that is given (including "none") is kept, and so is its
-    bits or group size; a method given without them still takes the profile's.
+    bits or group size; a method given without them still takes the profile's. Bits that the
+    profile's recipe (int4-best) does not offer select the method it is a recipe of.
     """
     defaults = dict(profile.quantization)
     defaults["quant"] = defaults.pop("method")
     names = {f.name for f in fields(options)}
     changes = {}
     if options.quant is None:
+        preset = METHODS.get(defaults["quant"])
+        if preset and preset.preset_of and options.bits not in (None, *preset.bits):
+            defaults["quant"] = preset.preset_of  # a 4-bit recipe and --bits 8: its method, at the bits asked for
         # `sym` is a plain bool (no "not given") and only means something with the method it came with
         changes = {k: v for k, v in defaults.items() if k in names and (getattr(options, k) is None or k == "sym")}
     elif options.quant != "none" and defaults["quant"] != "none":
@@ -123,10 +127,9 @@ def quant_plan(options: ExportOptions) -> QuantPlan | None:
         if method.int8_activations:
             raise ExportError(f"{method.name} quantizes weights and activations to 8 bits; --bits {bits} is not "
                               f"supported (use gptq, awq or rtn for 4-bit weights)")
-        if len(method.bits) == 1:  # a preset
-            runs = next(m.name for m in METHODS.values() if m.layer == method.layer)  # the method it presets
+        if method.preset_of:
             raise ExportError(f"--quant {method.name} is a {method.bits[0]}-bit recipe; drop --bits {bits} "
-                              f"(or use --quant {runs} --bits {bits})")
+                              f"(or use --quant {method.preset_of} --bits {bits})")
         raise ExportError(f"--bits {bits} is not supported; use {' or '.join(map(str, method.bits))}")
     group_size = method.group_size_for(bits) if options.group_size is None else options.group_size
     if group_size not in method.group_sizes:
