@@ -14,10 +14,16 @@ import logging
 import sys
 
 import edgekit
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, UserError
 
 # The commands, in --help's order; each module adds its own with register(subparsers).
 COMMANDS: list[str] = ["export", "finetune", "generate", "info", "bench", "eval", "mqtt", "targets"]
+
+
+def host_side_missing(command: str, e: ImportError) -> UserError:
+    """What a host command (export, finetune) says on an install without the export extra."""
+    return UserError(f"{command} needs the host side ({e}); from the edgekit checkout: "
+                     "pip install -c constraints.txt -e '.[export]'")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgekit.errors import UserError
+from edgekit.cli import host_side_missing
 from edgekit.quantization import METHODS
 
 
@@ -54,8 +54,7 @@ def _run_export(args) -> int:
     try:
         from edgekit.host import ExportOptions, export
     except ImportError as e:
-        raise UserError(f"export needs the host side ({e}); from the edgekit checkout: "
-                        f"pip install -c constraints.txt -e '.[export]'") from None
+        raise host_side_missing("export", e) from None
     from dataclasses import fields
     from pathlib import Path
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from edgekit.errors import UserError
+from edgekit.cli import host_side_missing
 
 
 def register(sub) -> None:
@@ -28,8 +28,7 @@ def _run_finetune(args) -> int:
     try:
         from edgekit.host.finetune import FinetuneOptions, finetune
     except ImportError as e:
-        raise UserError(f"finetune needs the host side ({e}); from the edgekit checkout: "
-                        f"pip install -c constraints.txt -e '.[export]'") from None
+        raise host_side_missing("finetune", e) from None
     options = FinetuneOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank,
                               alpha=args.alpha, max_len=args.max_len, seed=args.seed, threads=args.threads)
     finetune(args.source, args.data, args.out, options, say=lambda m: print(m, file=sys.stderr, flush=True))

@@ -140,10 +140,11 @@ def parse_target(raw: Any, source: str = "<profile>") -> Target:
                   f"must be one of none, {', '.join(METHODS)}, got {json.dumps(q.get('method'))}")
     if q["method"] != "none":
         method = METHODS[q["method"]]
-        if q.get("bits", method.bits[0]) not in method.bits:
+        bits = q.get("bits", method.bits[0])
+        if bits not in method.bits:
             raise bad("quantization.bits", f"must be {' or '.join(map(str, method.bits))} for {method.name}, "
-                                           f"got {json.dumps(q.get('bits'))}")
-        gs = q.get("group_size", method.group_size_for(q.get("bits", method.bits[0])))
+                                           f"got {json.dumps(bits)}")
+        gs = q.get("group_size", method.group_size_for(bits))
         if gs not in method.group_sizes:
             raise bad("quantization.group_size",
                       f"must be one of {', '.join(map(str, method.group_sizes))} for {method.name} "
