@@ -79,3 +79,38 @@ def smollm2_hf():
     from edgekit.host.load import load
 
     return load("smollm2-135m")
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A real Mosquitto on a free 127.0.0.1 port (tests/mqtt_broker.py), killed after the test."""
+    from mqtt_broker import Broker
+
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.kill()
+
+
+@pytest.fixture
+def serve(tiny_bundle, tmp_path):
+    """serve(broker_config, device_id="arm-01", bundle=tiny_bundle, wait=True, **ServiceConfig fields)
+    -> a started Service, connected and subscribed unless wait=False; stopped after the test."""
+    from edgekit.device import Model
+    from edgekit.device.mqtt import Service, ServiceConfig
+
+    started = []
+
+    def start(config, device_id="arm-01", bundle=tiny_bundle, wait=True, **fields):
+        fields.setdefault("journal", tmp_path / f"journal-{device_id}.sqlite")
+        fields.setdefault("heartbeat_s", 0.5)
+        service = Service(Model(bundle, threads=1), config, ServiceConfig(device_id, **fields))
+        service.start()
+        started.append(service)
+        if wait:
+            assert service.ready.wait(10), "the service did not connect and subscribe"
+        return service
+
+    yield start
+    for service in started:
+        service.stop(timeout=5)

@@ -27,14 +27,6 @@ from make_dataset import make, objects  # noqa: E402
 from edgekit.device import Model  # noqa: E402
 
 
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.kill()
-
-
 def run(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *args], env=service_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)

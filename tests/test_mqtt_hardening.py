@@ -9,6 +9,7 @@ malformed cancels, and `edgekit ask` to a device that is not online. Tests wait 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sqlite3
@@ -26,8 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from test_mqtt_properties import payloads
 
-from edgekit.device import Model
-from edgekit.device.mqtt import BrokerConfig, Client, Limits, RequestError, Service, ServiceConfig, Topics
+from edgekit.device.mqtt import BrokerConfig, Client, Limits, RequestError, Topics
 from edgekit.device.mqtt.connection import make_connection
 from edgekit.device.mqtt.journal import Journal
 
@@ -36,31 +36,9 @@ REFUSED = {"invalid_request", "unsupported_version", "too_large", "limit_exceede
 
 
 @pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.kill()
-
-
-@pytest.fixture
-def serve(tiny_bundle, tmp_path):
-    """serve(broker_config, device_id="arm-01", **ServiceConfig fields) -> a started, subscribed Service."""
-    started: list[Service] = []
-
-    def start(config, device_id="arm-01", wait=True, **fields):
-        fields.setdefault("journal", tmp_path / f"journal-{device_id}.sqlite")
-        fields.setdefault("heartbeat_s", 0.2)
-        service = Service(Model(tiny_bundle, threads=1), config, ServiceConfig(device_id, **fields))
-        service.start()
-        started.append(service)
-        if wait:
-            assert service.ready.wait(10), "the service did not connect and subscribe"
-        return service
-
-    yield start
-    for service in started:
-        service.stop(timeout=5)
+def serve(serve):
+    """conftest's serve, with a heartbeat every 0.2 s."""
+    return functools.partial(serve, heartbeat_s=0.2)
 
 
 def publisher(config: BrokerConfig, client_id: str) -> mqtt.Client:

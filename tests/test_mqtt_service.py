@@ -19,18 +19,10 @@ import pytest
 from mqtt_broker import Broker, Listener, make_certs, service_env
 
 from edgekit.device import Model
-from edgekit.device.mqtt import BrokerConfig, Client, Limits, RequestError, Service, ServiceConfig, Topics
+from edgekit.device.mqtt import BrokerConfig, Client, Limits, RequestError, Topics
 from edgekit.device.mqtt.journal import Journal
 
 T = Topics()
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.kill()
 
 
 @pytest.fixture(scope="module")
@@ -67,25 +59,6 @@ def long_model(long_bundle):
 
 
 LONG = 1000  # new tokens in a long answer: about 1.4 s from long_bundle
-
-
-@pytest.fixture
-def serve(tiny_bundle, tmp_path):
-    """serve(broker_config, device_id, bundle=tiny_bundle, **ServiceConfig fields) -> a started, subscribed Service."""
-    started: list[Service] = []
-
-    def start(config, device_id="arm-01", bundle=tiny_bundle, **fields):
-        fields.setdefault("journal", tmp_path / f"journal-{device_id}.sqlite")
-        fields.setdefault("heartbeat_s", 0.5)
-        service = Service(Model(bundle, threads=1), config, ServiceConfig(device_id, **fields))
-        service.start()
-        assert service.ready.wait(10), "the service did not connect and subscribe"
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        service.stop(timeout=5)
 
 
 def test_ask_and_stream_answer_with_the_bundles_own_greedy_text(broker, serve, local_model):
