@@ -7,7 +7,6 @@ import json
 
 import jsonschema
 import pytest
-from test_mqtt_service import broker, serve  # noqa: F401  (fixtures)
 from test_tools import TOOLS
 
 from edgekit.device.mqtt import Client, RequestError
