@@ -10,6 +10,7 @@ runs the same weights (that GGUF, or an fp32 model dequantized from it), is fed 
 prompt token ids, and generates the same number of tokens greedily with EOS ignored:
 
     edgekit-fp32 / edgekit-int4   an edgekit bundle (int4: --quant rtn --bits 4, when that export works)
+    edgekit-int4-head4            --quant gptq --bits 4 --lm-head-bits 4: int4 lm_head too, as onnxruntime-genai's
     llama.cpp-Q4_1                llama-cpp-python on the shipped GGUF
     llama.cpp-F32 / -Q4_0         the same GGUF converted with llama.cpp's own quantizer (same bits as edgekit)
     ort-genai-fp32 / -int4        onnxruntime-genai on its model builder's output (-p fp32 / -p int4 -e cpu)
@@ -45,10 +46,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = ("edgekit-fp32", "edgekit-int4", "llama.cpp-F32", "llama.cpp-Q4_1", "llama.cpp-Q4_0",
+PEERS = ("edgekit-fp32", "edgekit-int4", "edgekit-int4-head4", "llama.cpp-F32", "llama.cpp-Q4_1", "llama.cpp-Q4_0",
          "ort-genai-fp32", "ort-genai-int4", "transformers-fp32")
 PRECISION = {"edgekit-fp32": "fp32", "llama.cpp-F32": "fp32", "ort-genai-fp32": "fp32", "transformers-fp32": "fp32",
-             "edgekit-int4": "4-bit", "llama.cpp-Q4_1": "4-bit", "llama.cpp-Q4_0": "4-bit", "ort-genai-int4": "4-bit"}
+             "edgekit-int4": "4-bit", "edgekit-int4-head4": "4-bit", "llama.cpp-Q4_1": "4-bit",
+             "llama.cpp-Q4_0": "4-bit", "ort-genai-int4": "4-bit"}
+# edgekit's quantized peers: `edgekit export smollm2-135m` with these flags
+EDGEKIT_QUANTIZED = {"edgekit-int4": ["--quant", "rtn", "--bits", "4"],
+                     "edgekit-int4-head4": ["--quant", "gptq", "--bits", "4", "--lm-head-bits", "4"]}
 
 
 # -- children: one peer, one process ------------------------------------------------------
@@ -253,13 +258,13 @@ def make_artifacts(work: Path, wanted: list[str], bundle: str | None) -> tuple[d
             paths["edgekit-fp32"] = str(out)
         else:
             missing["edgekit-fp32"] = err
-    if need("edgekit-int4"):
-        out = work / "edgekit-int4"
-        if out.exists() or not (err := run_quiet([py, "-m", "edgekit", "export", "smollm2-135m", "--out", out,
-                                                  "--quant", "rtn", "--bits", "4"], "edgekit int4 bundle")):
-            paths["edgekit-int4"] = str(out)
-        else:
-            missing["edgekit-int4"] = f"`edgekit export --quant rtn --bits 4` failed: {err}"
+    for peer, flags in EDGEKIT_QUANTIZED.items():
+        out = work / peer
+        if need(peer) and (out.exists() or not (err := run_quiet(
+                [py, "-m", "edgekit", "export", "smollm2-135m", "--out", out, *flags], f"{peer} bundle"))):
+            paths[peer] = str(out)
+        elif need(peer):
+            missing[peer] = f"`edgekit export {' '.join(flags)}` failed: {err}"
 
     gguf = shipped_gguf()
     if any(p.startswith("llama.cpp") for p in wanted):

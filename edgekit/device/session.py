@@ -11,12 +11,16 @@ from edgekit.device.bundle import BundleError
 
 log = logging.getLogger("edgekit")
 
-# onnxruntime's worker threads spin-wait between operators by default: 1.3x faster decode on a
-# quiet 2-core host, but when another process wants the cores (a camera or planning node) the
-# spinning threads preempt each other and decode falls to half or less of not spinning
-# (benchmarks/README.md, spinning.py). A device is rarely quiet: no spinning unless the bundle's
-# target profile or the caller turns it back on ("1").
-DEFAULT_CONFIG = {"session.intra_op.allow_spinning": "0"}
+# onnxruntime's worker threads spin-wait between operators by default, until the next one comes:
+# 1.3x faster decode on a quiet 2-core host, but when another process wants the cores (a camera
+# or planning node) the spinning threads preempt each other and decode falls to 40-45% of its quiet
+# speed. Not spinning at all keeps 74-91% under load but costs 0.72-0.75x of the quiet speed, for
+# the wake-up of every operator of a 4 ms decode step. Spinning at most 10 µs (onnxruntime >= 1.26;
+# older releases ignore the key and spin) catches the next operator of the same step and sleeps
+# between steps: as fast as spinning on a quiet host and at least as fast as not spinning with one
+# or two competing processes (benchmarks/README.md, spinning.py). A bundle's target profile or the
+# caller may override either key ("0" turns spinning off, as the rpi4 profile does).
+DEFAULT_CONFIG = {"session.intra_op.allow_spinning": "1", "session.intra_op.spin_duration_us": "10"}
 
 
 def choose_provider(preferred: list[str]) -> str:
