@@ -10,7 +10,7 @@ Standard library only: the device side reads it to validate profiles and label b
     awq          awq_layer       yes         int4/8    MatMulNBits            float32
     smoothquant  smooth_layer    yes         int8      MatMulInteger          int8, dynamic per token
     w8a8         w8a8_layer      no          int8      DynamicQuantizeMatMul  uint8, dynamic per tensor
-    int4-best    gptq_layer      yes         int4 g32  MatMulNBits            float32 (a recipe of gptq: preset_of)
+    int4-best    gptq_layer      yes         int4 g32  MatMulNBits            float32 (a recipe of gptq, down_proj int8)
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ class Method:
     activations: str  # what happens to the activations at run time
     group_sizes: tuple[int, ...] = GROUP_SIZES  # weights per scale it offers
     default_group_size: int | None = None  # None: 128 at 4 bits, per channel at 8
-    mixed_calibration: bool = False  # half of the samples from --calib, half from the default text
+    mixed_calibration: bool = False  # with --calib, half of the samples from it and half from the default text
     preset_of: str | None = None  # a recipe of that method, at fixed bits
+    # the Linears that read these inputs (the keys of a family's `linears`: attn_in, o_in, mlp_in,
+    # down_in) are quantized at 8 bits, the rest at the method's bits
+    int8_inputs: tuple[str, ...] = ()
 
     @property
     def int8_activations(self) -> bool:
@@ -51,15 +54,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("rtn", "round to nearest: seconds, no calibration", "rtn_layer", False, (4, 8),
            "MatMulNBits", "float32"),
     Method("gptq", "Hessian-guided rounding (Frantar et al. 2022): minutes, calibrated", "gptq_layer", True, (4, 8),
-           "MatMulNBits", "float32"),
+           "MatMulNBits", "float32", mixed_calibration=True),
     Method("awq", "activation-aware scales and clipping (Lin et al. 2023): minutes, calibrated", "awq_layer", True,
-           (4, 8), "MatMulNBits", "float32"),
+           (4, 8), "MatMulNBits", "float32", mixed_calibration=True),
     Method("smoothquant", "int8 weights and activations, outliers migrated into the weights (Xiao et al. 2022)",
            "smooth_layer", True, (8,), "MatMulInteger", "int8, dynamic per token", group_sizes=(0,)),
     Method("w8a8", "int8 weights and activations without smoothing (SmoothQuant's baseline)", "w8a8_layer", False,
            (8,), "DynamicQuantizeMatMul", "uint8, dynamic per tensor", group_sizes=(0,)),
-    Method("int4-best", "the best int4 edgekit makes: GPTQ in groups of 32, calibrated on --calib and a general "
-           "text half each, so quality holds off the calibration's domain", "gptq_layer", True, (4,),
-           "MatMulNBits", "float32", default_group_size=32, mixed_calibration=True, preset_of="gptq"),
+    Method("int4-best", "the best int4 edgekit makes: GPTQ in groups of 32 (the MLP's down projection in 8 bits), "
+           "calibrated on --calib and a general text half each, so quality holds off the calibration's domain",
+           "gptq_layer", True, (4,), "MatMulNBits", "float32", default_group_size=32, mixed_calibration=True,
+           preset_of="gptq", int8_inputs=("down_in",)),
 )}
 

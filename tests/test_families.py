@@ -182,7 +182,7 @@ def test_quantized_graph_computes_what_its_quantized_weights_do(name, method, ti
     head = weights[f"{family.lm_head}.weight"].dequantize()
     model.get_output_embeddings().weight = torch.nn.Parameter(torch.from_numpy(head.copy()))  # untied if it was
     model.get_input_embeddings().weight.data = torch.from_numpy(
-        weights[f"{family.embed_tokens}.weight"].astype(np.float32))
+        weights[f"{family.embed_tokens}.weight"].dequantize())
     ids = np.array([smol_tokenizer(PROMPT).input_ids])
     with torch.no_grad():
         want = model(torch.from_numpy(ids)).logits.numpy()

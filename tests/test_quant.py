@@ -23,6 +23,7 @@ from edgekit.host.load import ExportError, load
 from edgekit.host.quant import layerwise
 from edgekit.host.quant.calibration import calibration_ids
 from edgekit.host.quant.gptq import gptq, hessian
+from edgekit.host.quant.plan import LM_HEAD
 from edgekit.host.quant.rtn import QuantSpec, rtn
 
 PROMPT = "The robot arm lifted the red cube and placed it on the shelf"
@@ -77,10 +78,30 @@ def test_quantized_bundle_runs_integer_kernels_close_to_fp32(name, tiny, tmp_pat
     head = next(n for n in nodes if n.output[0].startswith("/lm_head/"))
     head_bits = {a.name: a.i for a in head.attribute}
     if fields.get("lm_head_bits") == 4:
-        assert record["lm_head"].startswith("int4 g32 MatMulNBits")
+        assert record["lm_head"].startswith("int4 g32 MatMulNBits, gptq")  # calibrated method: calibrated head
         assert (head_bits["bits"], head_bits["block_size"]) == (4, 32)
     else:
         assert record["lm_head"].startswith("int8 per-channel MatMulNBits") and head_bits["bits"] == 8
+
+
+def test_calibrated_int4_lm_head_reproduces_the_logits_better_than_rtn(make_tiny):
+    """A calibrated method's int4 lm_head is GPTQ on what enters the lm_head over the calibration
+    samples (layerwise.head_inputs: the final norm's output); on those samples its logits are
+    closer to fp32's than round-to-nearest's."""
+    folder, _ = make_tiny("llama", seed=3, tie_word_embeddings=True)
+    loaded = load(folder)
+    calib = calibration_ids(loaded.tokenizer, None, 8, 64, seed=0)
+    x = layerwise.head_inputs(loaded.model, calib.ids)
+    with torch.no_grad():
+        final = loaded.model(calib.ids, output_hidden_states=True).hidden_states[-1]  # after the final norm
+    assert x.shape == final.shape and torch.allclose(x, final, atol=1e-5)
+    w = loaded.model.get_output_embeddings().weight.data
+    flat = x.reshape(-1, x.shape[-1])
+
+    def error(q):
+        return float(torch.linalg.norm(flat @ (w - torch.from_numpy(q.dequantize())).T))
+
+    assert error(gptq(w, hessian(x, 8.0), LM_HEAD[4])) < 0.9 * error(rtn(w, LM_HEAD[4]))
 
 
 def test_gptq_reconstructs_a_layer_better_than_rtn(make_tiny):

@@ -43,8 +43,14 @@ def test_each_method_exports_what_its_row_says(name, tiny_llama, tmp_path):
     assert (record.extra["operator"], record.extra["activations"]) == (row.operator, row.activations)
     assert (record.extra["calibration"] is not None) == row.calibrated
     assert record.label.startswith(name)
-    graph_ops = {n.op_type for n in onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.node}
-    assert row.operator in graph_ops
+    nodes = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph.node
+    assert row.operator in {n.op_type for n in nodes}
+    # the Linears reading the row's int8_inputs at 8 bits, the others at the row's bits (Llama: down_in = down_proj)
+    assert record.extra["int8_linears"] == (["mlp.down_proj"] if "down_in" in row.int8_inputs else [])
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes if n.op_type == "MatMulNBits"}
+    for name_, b in bits.items():
+        if name_.startswith("/model/layers."):
+            assert b == (8 if "/mlp/down_proj/" in name_ and row.int8_inputs else row.bits[0]), name_
     completion = Model(bundle).generate("the robot", max_new_tokens=4)
     assert len(completion.token_ids) >= 1
 

@@ -14,6 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from edgekit.host.graph.fused import Fused
@@ -103,3 +105,25 @@ def test_per_token_w8a8_matches_int8_reference():
     assert np.abs(got - x_hat @ q.dequantize().T).max() < 1e-3 * np.abs(got).max()
     for t in range(1, 7):  # the ordinary tokens keep their precision despite the outlier
         assert rel_err(got[0, t], (x @ q.dequantize().T)[0, t]) < 2e-2  # per tensor: ~50x worse
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.sampled_from([4, 8]), group_size=st.sampled_from([0, 16, 32, 64]), sym=st.booleans(),
+       k=st.sampled_from([64, 96, 576]), rows=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_quantized_embedding_gathers_exactly_the_dequantized_rows(bits, group_size, sym, k, rows, seed):
+    """GatherBlockQuantized reads MatMulNBits' codes, scales and zero points row by row: the rows it
+    returns are the dequantized table's, to the float (the quantized bundles' embedding, host/quant)."""
+    torch.manual_seed(seed)
+    table = rtn(torch.randn(rows, k), QuantSpec(bits, group_size, sym))
+    assume(k % table.block_size == 0)  # the graph builder dequantizes a padded table instead (skeleton.embed)
+    g = Graph()
+    y = Fused(g, decoder=None).gather("/model/embed_tokens", "model.embed_tokens.weight", table)
+    ids = np.random.default_rng(seed).integers(0, rows, (1, 7))
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 7])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 7, k])],
+                              initializer=g.initializers)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, {"input_ids": ids})[0], table.dequantize()[ids])

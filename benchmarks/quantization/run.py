@@ -68,6 +68,7 @@ ROWS: dict = {
     "fp32": {},
     "int4-best": dict(quant="int4-best"),
     "int4-best-narrow": dict(quant="int4-best", calib=NARROW),
+    "int4-best-head4": dict(quant="int4-best", lm_head_bits=4),  # --lm-head-bits 4: decode speed for quality
     **_int4_rows(),
     # the earlier rows, calibrated on the seed document as before
     "rtn8": dict(quant="rtn", bits=8, group_size=0),
@@ -175,8 +176,8 @@ def ort_row(name: str, fp32: Path, work: Path) -> tuple[Path, float]:
 
 def llmc_row(name: str, work: Path, group_size: int = 64) -> tuple[Path, float]:
     """llm-compressor's GPTQ (peer_llmcompressor.py, in its own venv) on the same calibration
-    windows, its integer codes packed into the graph edgekit builds: same kernels, same
-    float16 embedding and int8 lm_head, so only the choice of codes differs from gptq4-g64."""
+    windows as gptq-g64-narrow, its integer codes packed into the graph edgekit builds: same
+    kernels, same int8 embedding and int8 lm_head, so only the choice of codes differs."""
     import subprocess
 
     import numpy as np
@@ -191,6 +192,7 @@ def llmc_row(name: str, work: Path, group_size: int = 64) -> tuple[Path, float]:
     from edgekit.host.quant import store_embeddings, store_layer
     from edgekit.host.quant.calibration import calibration_ids
     from edgekit.host.quant.nbits import NBitsWeight
+    from edgekit.quantization import METHODS
 
     if not LLMC_PYTHON.exists():
         raise SystemExit(f"{name}: llm-compressor's venv is missing; run bash {HERE / 'setup_peer_llmcompressor.sh'}")
@@ -204,7 +206,9 @@ def llmc_row(name: str, work: Path, group_size: int = 64) -> tuple[Path, float]:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
     plain.save_pretrained(hf)
-    np.save(ids, calibration_ids(loaded.tokenizer, CORPORA / CALIB, SAMPLES, SEQ_LEN, 0).ids.numpy())
+    loaded.tokenizer.save_pretrained(hf)  # llm-compressor builds its processor from the folder
+    np.save(ids, calibration_ids(loaded.tokenizer, CORPORA / CALIB, SAMPLES, SEQ_LEN, 0,
+                                 mix_default=METHODS["gptq"].mixed_calibration).ids.numpy())
     run = subprocess.run([str(LLMC_PYTHON), str(HERE / "peer_llmcompressor.py"), str(hf), str(ids), str(codes),
                           "--group-size", str(group_size)], capture_output=True, text=True)
     if run.returncode:

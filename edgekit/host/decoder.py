@@ -127,7 +127,7 @@ class Layer:
 @dataclass
 class Decoder:
     arch: Architecture  # the manifest's shape numbers
-    embed: np.ndarray  # (vocab, hidden) float32, or float16 in quantized bundles
+    embed: np.ndarray | NBitsWeight  # (vocab, hidden) float32, or int8 per channel in quantized bundles
     layers: list[Layer]
     final_norm: Norm | None
     lm_head: Linear | None  # None: tied to the embedding

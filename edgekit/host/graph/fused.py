@@ -6,6 +6,7 @@ The operator set onnxruntime's own LLM tooling emits, so its CPU and CUDA kernel
                           forms (com.microsoft) that also add the residual
     Linear                MatMul (fp32), MatMulNBits (int4/int8 weights), DynamicQuantizeMatMul
                           or MatMulInteger (W8A8)
+    embedding             Gather (fp32), GatherBlockQuantized (int8 table of quantized bundles)
     attention             GroupQueryAttention: rotary embedding, the causal (or sliding-window)
                           mask, softcap, an additive bias (ALiBi) and the KV cache update in one
                           kernel
@@ -146,6 +147,23 @@ class Fused:
             return _matmul_nbits(g, name, x, weight)
         assert isinstance(weight, W8A8Weight), type(weight)
         return _matmul_w8a8(g, name, x, weight)
+
+    def gather(self, name: str, table_name: str, table: NBitsWeight) -> str:
+        """input_ids (B, S) ──► GatherBlockQuantized(codes (V, H * bits / 8), scales, zero points) ──► (B, S, H)
+
+        The codes, scales and zero points of MatMulNBits' layout, one row per token: the kernel
+        dequantizes only the rows it gathers.
+        """
+        assert table.codes.shape[1] == table.in_features, "a padded last block would be gathered too"
+        b, scales, zp = table.packed()
+        rows = table.out_features
+        inputs = [self.g.const(f"{table_name}_Q{table.bits}", b.reshape(rows, -1)), "input_ids",
+                  self.g.const(f"{table_name}_scales", scales.reshape(rows, -1))]
+        if zp is not None:
+            inputs.append(self.g.const(f"{table_name}_zero_points", zp.reshape(rows, -1)))
+        (h,) = self.g.op("GatherBlockQuantized", inputs, f"{name}/GatherBlockQuantized", domain=MS_DOMAIN,
+                         bits=table.bits, block_size=table.block_size, gather_axis=0, quantize_axis=1)
+        return h
 
     def gelu(self, name: str, x: str, tanh: bool) -> str:
         """com.microsoft Gelu (erf) or FastGelu (tanh): CPU and CUDA kernels (ONNX's own Gelu has no CUDA one)."""

@@ -23,6 +23,7 @@ from edgekit.host.decoder import Attention, Decoder, Layer, Linear, Norm, scale_
 from edgekit.host.graph.fused import Fused
 from edgekit.host.graph.portable import Portable
 from edgekit.host.graph.proto import Graph, decoder_model, int64
+from edgekit.host.quant.nbits import NBitsWeight
 
 FLAVOURS: dict[str, type[Fused] | type[Portable]] = {"fused": Fused, "portable": Portable}
 
@@ -85,19 +86,25 @@ class _Builder:
         return h
 
     def embed(self, d: Decoder) -> str:
-        """input_ids (B, S) ──► Gather ──► [Cast fp16] ──► [× scale] ──► [project_in] ──► [+ positions] ──► [norm]"""
+        """input_ids (B, S) ──► Gather [Cast fp16] or GatherBlockQuantized ──► [× scale] ──► [project_in]
+        ──► [+ positions] ──► [norm]"""
         g, n = self.g, "/model/embed_tokens"
-        table = g.const(f"{d.embed_name}.weight", d.embed)
-        (h,) = g.op("Gather", [table, "input_ids"], f"{n}/Gather")
-        if d.embed.dtype == np.float16:  # quantized bundles store it in fp16 (host/quant)
-            (h,) = g.op("Cast", [h], f"{n}/Cast", to=TensorProto.FLOAT)
+        table = d.embed
+        if isinstance(table, NBitsWeight) and isinstance(self.f, Fused) and table.codes.shape[1] == table.in_features:
+            h = self.f.gather(n, f"{d.embed_name}.weight", table)
+        else:  # standard operators only, or a table whose last block is padded: dequantized to fp16 here
+            if isinstance(table, NBitsWeight):
+                table = table.dequantize().astype(np.float16)
+            (h,) = g.op("Gather", [g.const(f"{d.embed_name}.weight", table), "input_ids"], f"{n}/Gather")
+            if table.dtype == np.float16:
+                (h,) = g.op("Cast", [h], f"{n}/Cast", to=TensorProto.FLOAT)
         if d.embed_scale != 1.0:
             (h,) = g.op("Mul", [h, g.const(f"{n}/scale", np.array(d.embed_scale, np.float32))], f"{n}/Mul")
         if d.project_in is not None:
             h = self.linear("/model/project_in", h, d.project_in)
         if d.positions is not None:
-            table = g.const("model.embed_positions.weight", d.positions)
-            (p,) = g.op("Gather", [table, self.f.positions()], "/model/embed_positions/Gather")
+            positions = g.const("model.embed_positions.weight", d.positions)
+            (p,) = g.op("Gather", [positions, self.f.positions()], "/model/embed_positions/Gather")
             (h,) = g.op("Add", [h, p], "/model/embed_positions/Add")
         if d.embed_norm is not None:
             h, _ = self.f.norm("/model/embed_norm", d.embed_norm, h)
@@ -236,6 +243,7 @@ class _Builder:
             # made without a domain field, as edgekit 0.1 did, so that its bundles stay byte-identical
             g.nodes.append(helper.make_node("Identity", [y], [out], name="/lm_head/Identity"))
         else:
+            assert isinstance(d.embed, np.ndarray)  # quantized bundles have their own lm_head
             vocab, hidden = d.embed.shape
             (shape,) = g.op("Shape", [h], "/lm_head/Shape", start=0, end=2)
             g.const("/lm_head/flat_shape", np.array([-1, hidden], np.int64))

@@ -9,15 +9,21 @@ w8a8.py). plan.py holds one run's checked settings.
 Weight-only methods become MatMulNBits with accuracy_level=4; W8A8 becomes
 DynamicQuantizeMatMul (nbits.py). The decoder's Linears are quantized; around them:
 
-- embedding: stored as float16 (Gather, then Cast to float32). A lookup reads one row per
-  token, so it costs no time to keep it precise, and halving it is what brings SmolLM2's
-  int4 bundle under a third of fp32 (its 49152 x 576 embedding is 21% of the weights).
+- embedding: int8 per channel, the lm_head's spec, read by GatherBlockQuantized (host/graph:
+  the portable flavour dequantizes it to float16 when it builds the graph). A lookup reads
+  one row per token, so the table costs disk and memory, not time: SmolLM2's 49152 x 576
+  embedding is 21% of its weights, 56 MB as float16 and 28 MB as int8 (+3.5 MB of scales).
+  Against the float16 table it moved benchmarks/quantization's RTN perplexities by 0.8% at
+  most on any text, in both directions, and their means by under 0.4%.
 - lm_head: int8 per channel through MatMulNBits, for every method. When the model ties it
-  to the embedding, the bundle stores this separate quantized copy: a 4-bit lm_head costs
-  small models noticeably more perplexity than it saves (the logits of a 49k vocabulary
-  all go through it), and an int8 copy (28 MB for SmolLM2) is a quarter of the fp32 tie.
-  `--lm-head-bits 4` (int4, blocks of 32, as onnxruntime-genai builds it) is there for
-  when decode speed matters more: the lm_head is the largest matmul of a small model.
+  to the embedding, the bundle stores this separate quantized copy (28 MB for SmolLM2, a
+  quarter of the fp32 tie). `--lm-head-bits 4` (int4, blocks of 32, as onnxruntime-genai
+  builds it) is there for when decode speed matters more: the lm_head is the largest matmul
+  of a small model, and int4 halves the bytes each token reads. Rounded to nearest it costs
+  SmolLM2 +6-11% perplexity on every text of benchmarks/quantization (the logits of a 49k
+  vocabulary all go through it); so a calibrated method quantizes it with GPTQ on the
+  calibration samples' lm_head inputs (the model run through its quantized layers), which
+  costs +1-3% (fake-quantized research figures, the rest of the model fp32; about 20 s).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 from edgekit.errors import ExportError
 from edgekit.host.quant import layers, layerwise
 from edgekit.host.quant.calibration import calibration_ids
+from edgekit.host.quant.gptq import GPTQConfig, gptq, hessian
 from edgekit.host.quant.nbits import ACCURACY_LEVEL_INT8
 from edgekit.host.quant.plan import LM_HEAD, QuantPlan
 from edgekit.host.quant.rtn import QuantSpec, rtn
@@ -100,7 +107,12 @@ def quantize(loaded, family, arch, weights: dict, plan: QuantPlan,
             hidden = layerwise.run_layer(layer, hidden, kwargs) if sequential else fp_out
         say(f"      layer {i + 1}/{len(decoder_layers)} {method.name} ({time.perf_counter() - t:.1f}s)")
 
-    store_embeddings(out, weights, family, plan.lm_head)
+    head_x = None  # a 4-bit lm_head is GPTQ-calibrated when there are samples: +1-3% perplexity against RTN's +6-11%
+    if calib is not None and plan.lm_head.bits < 8:
+        t = time.perf_counter()
+        head_x = layerwise.head_inputs(model, calib.ids)
+        say(f"      lm_head int{plan.lm_head.bits} gptq ({time.perf_counter() - t:.1f}s of inputs)")
+    store_embeddings(out, weights, family, plan.lm_head, head_x, plan.gptq)
     head = plan.lm_head
     record = {
         "method": method.name,
@@ -112,9 +124,11 @@ def quantize(loaded, family, arch, weights: dict, plan: QuantPlan,
         "accuracy_level": None if method.int8_activations else ACCURACY_LEVEL_INT8,  # the target's, once built
         "activations": method.activations,
         "calibration": None if calib is None else calib.record(),
-        "embedding": "float16 Gather + Cast",
+        "embedding": "int8 per channel (GatherBlockQuantized; float16 Gather in the portable flavour)",
         "lm_head": f"int{head.bits} {f'g{head.group_size}' if head.group_size else 'per-channel'} MatMulNBits"
+                   + (", gptq" if head_x is not None else "")
                    + (", a quantized copy of the tied embedding" if arch.tie_word_embeddings else ""),
+        "int8_linears": [p for p, key in family.linears.items() if key in method.int8_inputs],
         "seconds": round(time.perf_counter() - t0, 1),
         **layers.settings_record(family, plan),
     }
@@ -131,9 +145,17 @@ def store_layer(out: dict, p: str, layer, quantized: dict) -> None:
             out[f"{p}.{name}"] = param.detach().numpy().copy()
 
 
-def store_embeddings(out: dict, weights: dict, family, head_spec: QuantSpec = LM_HEAD[8]) -> None:
-    """The embedding as float16 and the lm_head quantized by `head_spec` (see the module docstring)."""
-    embed = weights[f"{family.embed_tokens}.weight"]
-    head = weights.get(f"{family.lm_head}.weight", embed)  # absent when tied
-    out[f"{family.lm_head}.weight"] = rtn(torch.from_numpy(np.asarray(head)), head_spec)
-    out[f"{family.embed_tokens}.weight"] = np.asarray(embed).astype(np.float16)
+def store_embeddings(out: dict, weights: dict, family, head_spec: QuantSpec = LM_HEAD[8],
+                     head_x: torch.Tensor | None = None, config: GPTQConfig | None = None) -> None:
+    """The embedding as int8 per channel and the lm_head quantized by `head_spec`: by GPTQ when
+    its calibration inputs `head_x` (N, L, in) are given, else round to nearest (see the module
+    docstring)."""
+    embed = torch.from_numpy(np.asarray(weights[f"{family.embed_tokens}.weight"]))
+    head = weights.get(f"{family.lm_head}.weight")  # absent when tied
+    head_w = embed if head is None else torch.from_numpy(np.asarray(head))
+    if head_x is None:
+        out[f"{family.lm_head}.weight"] = rtn(head_w, head_spec)
+    else:
+        config = config or GPTQConfig()
+        out[f"{family.lm_head}.weight"] = gptq(head_w, hessian(head_x, config.sink_weight), head_spec, config)
+    out[f"{family.embed_tokens}.weight"] = rtn(embed, LM_HEAD[8])

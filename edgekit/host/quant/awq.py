@@ -54,7 +54,10 @@ class ScaleGroup:
 def search_scale(group: ScaleGroup, spec: QuantSpec, config: AWQConfig) -> torch.Tensor:
     """The per-input-channel scale s (K,) of a group that minimises its block's output MSE."""
     n, seq_len, k = group.x.shape
-    x = group.x[: max(1, config.search_tokens // seq_len)]  # (S, L, K) samples to score on
+    # score on S samples spread over all N: a mixed calibration puts --calib's samples first, and
+    # scales fitted to the first S alone then fit that text (AWQ g128 narrow: licence 31.5 -> 29.8)
+    pick = torch.linspace(0, n - 1, max(1, min(n, config.search_tokens // seq_len))).round().long()
+    x = group.x[pick]  # (S, L, K)
     want = group.block(x)
     x_max = group.x.abs().reshape(-1, k).mean(0)  # (K,) mean |activation| per channel, all tokens
     originals = [fc.weight.data for fc in group.linears]

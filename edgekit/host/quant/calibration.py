@@ -9,11 +9,11 @@ The tokenized text is cut into consecutive L-token windows and N of them are dra
 without replacement with numpy's generator seeded by `seed`, so the same seed draws the
 same samples on every machine.
 
-With `mix_default` (the int4-best preset), a --calib text gives half the samples and the
-default text the other half: calibrated on one narrow document alone, GPTQ fits that
-domain's activations; SmolLM2-135M int4 g32 then lands at +11.7% of fp32 perplexity on the
-bash manual page (fake-quantized research run), against +8.3% with the mix (device bundle,
-benchmarks/quantization/README.md).
+With `mix_default` (GPTQ, AWQ and int4-best: the methods' `mixed_calibration`), a --calib
+text gives half the samples and the default text the other half: calibrated on one narrow
+document alone, GPTQ fits that domain's activations; SmolLM2-135M int4 g32 then lands at
++11.7% of fp32 perplexity on the bash manual page (fake-quantized research run), against
++8.3% with the mix (device bundle, benchmarks/quantization/README.md).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from edgekit.host.quant.w8a8 import quantize_w8a8
 
 
 def rtn_layer(layer, family, feats, kwargs, plan: QuantPlan) -> dict:
-    return {path: rtn(layer.get_submodule(path).weight.data, plan.spec) for path in family.linears}
+    return {path: rtn(layer.get_submodule(path).weight.data, plan.spec_for(key))
+            for path, key in family.linears.items()}
 
 
 def gptq_layer(layer, family, feats: dict, kwargs, plan: QuantPlan) -> dict:
@@ -31,7 +32,7 @@ def gptq_layer(layer, family, feats: dict, kwargs, plan: QuantPlan) -> dict:
     quantized = {}
     for key, paths in layerwise.readers(family.linears).items():
         ws = [layer.get_submodule(p).weight.data for p in paths]
-        q = gptq(torch.cat(ws), hessian(feats[key], config.sink_weight), plan.spec, config)
+        q = gptq(torch.cat(ws), hessian(feats[key], config.sink_weight), plan.spec_for(key), config)
         r = np.cumsum([0] + [w.shape[0] for w in ws])
         quantized.update({p: q.take_rows(np.arange(r[j], r[j + 1])) for j, p in enumerate(paths)})
     return quantized
@@ -39,17 +40,17 @@ def gptq_layer(layer, family, feats: dict, kwargs, plan: QuantPlan) -> dict:
 
 def awq_layer(layer, family, feats: dict, kwargs: layerwise.LayerKwargs, plan: QuantPlan) -> dict:
     """Scale search and apply, then clip search, then RTN of the scaled, clipped weights."""
-    spec, config = plan.spec, plan.awq
+    config = plan.awq
     inputs = {}
     with single_thread():  # many small ops per grid point (see gptq.single_thread): 6x faster measured
         for sg, prev, fcs, x in scale_groups(layer, family, feats):
             group = awq_.ScaleGroup(prev, fcs, x, layerwise.scorer(layer, sg.scored, kwargs), family.norm_offset)
-            awq_.apply_scale(group, awq_.search_scale(group, spec, config))
+            awq_.apply_scale(group, awq_.search_scale(group, plan.spec_for(family.linears[sg.linears[0]]), config))
             for fc in fcs:
                 inputs[fc] = group.x
         quantized = {}
         for path, key in family.linears.items():
-            fc = layer.get_submodule(path)
+            fc, spec = layer.get_submodule(path), plan.spec_for(key)
             w = fc.weight.data
             if config.clip and path not in family.no_clip:
                 x = inputs.get(fc, feats[key])

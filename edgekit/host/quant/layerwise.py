@@ -109,6 +109,29 @@ def linear_inputs(layer, inputs: dict[str, str], hidden: torch.Tensor, kwargs: L
     return {k: torch.cat(v).reshape(-1, hidden.shape[1], v[0].shape[-1]) for k, v in got.items()}, out
 
 
+@torch.no_grad()
+def head_inputs(model, ids: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+    """The input of the model's lm_head (N, L, in) on the samples `ids` (N, L), as the model now
+    computes it (its layers quantized): the whole model runs, `chunk` samples at a time, and
+    stops at the lm_head, so no (N, L, vocab) logits are made."""
+    got: list[torch.Tensor] = []
+
+    def grab(module, args):
+        got.append(args[0].detach())
+        raise _Stop
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(grab)
+    try:
+        for lo in range(0, ids.shape[0], chunk):
+            try:
+                model(input_ids=ids[lo:lo + chunk], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(got)
+
+
 def scorer(layer, paths: tuple[str, ...], kwargs: LayerKwargs):
     """x (S, L, in) -> the sum of the outputs of the modules `paths` of `layer` run on x, for AWQ's
     loss. A module whose forward takes more than x (attention: rotary cos/sin, mask, ALiBi) gets

@@ -28,3 +28,10 @@ class QuantPlan:
     gptq: GPTQConfig
     awq: AWQConfig
     alpha: float  # smoothquant's migration strength
+
+    def spec_for(self, key: str) -> QuantSpec:
+        """The spec of the Linears reading input `key` (a family's `linears` value): 8 bits for the
+        method's int8_inputs, else `spec`."""
+        if key in self.method.int8_inputs:
+            return QuantSpec(8, self.spec.group_size, self.spec.sym)
+        return self.spec
