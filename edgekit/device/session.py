@@ -17,8 +17,8 @@ log = logging.getLogger("edgekit")
 # speed. Not spinning at all keeps 74-91% under load but costs 0.72-0.75x of the quiet speed, for
 # the wake-up of every operator of a 4 ms decode step. Spinning at most 10 µs (onnxruntime >= 1.26;
 # older releases ignore the key and spin) catches the next operator of the same step and sleeps
-# between steps: as fast as spinning on a quiet host and at least as fast as not spinning with one
-# or two competing processes (benchmarks/README.md, spinning.py). A bundle's target profile or the
+# between steps: as fast as spinning on a quiet host, and 0.98-1.22x the speed of not spinning with
+# one or two competing processes (benchmarks/README.md, spinning.py). A bundle's target profile or the
 # caller may override either key ("0" turns spinning off, as the rpi4 profile does).
 DEFAULT_CONFIG = {"session.intra_op.allow_spinning": "1", "session.intra_op.spin_duration_us": "10"}
 
