@@ -53,10 +53,10 @@ def main() -> int:
     times: dict[bool, list[float]] = {True: [], False: []}
     prompt, cached = [], []
     for _ in range(args.runs):
-        for q in QUESTIONS:
+        for i, q in enumerate(QUESTIONS):
             for cold in (True, False):
                 if not cold:
-                    ttft_ms(model, QUESTIONS[(QUESTIONS.index(q) + 1) % len(QUESTIONS)], cold=False)  # another request
+                    ttft_ms(model, QUESTIONS[(i + 1) % len(QUESTIONS)], cold=False)  # another request first
                 ms, n, hit = ttft_ms(model, q, cold)
                 times[cold].append(ms)
                 if not cold:

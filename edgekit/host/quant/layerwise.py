@@ -53,7 +53,9 @@ class LayerKwargs:
 
 
 @torch.no_grad()
-def _capture(model, first_layer, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _capture(model, module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The hidden states entering `module` and its other keyword arguments when `model` runs on
+    `ids`; the run stops there."""
     captured = {}
 
     def grab(module, args, kwargs):
@@ -61,7 +63,7 @@ def _capture(model, first_layer, ids: torch.Tensor) -> tuple[torch.Tensor, dict]
         captured["kwargs"] = kwargs
         raise _Stop
 
-    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         model(input_ids=ids, use_cache=False)
     except _Stop:
@@ -109,27 +111,12 @@ def linear_inputs(layer, inputs: dict[str, str], hidden: torch.Tensor, kwargs: L
     return {k: torch.cat(v).reshape(-1, hidden.shape[1], v[0].shape[-1]) for k, v in got.items()}, out
 
 
-@torch.no_grad()
 def head_inputs(model, ids: torch.Tensor, chunk: int = 4) -> torch.Tensor:
     """The input of the model's lm_head (N, L, in) on the samples `ids` (N, L), as the model now
     computes it (its layers quantized): the whole model runs, `chunk` samples at a time, and
-    stops at the lm_head, so no (N, L, vocab) logits are made."""
-    got: list[torch.Tensor] = []
-
-    def grab(module, args):
-        got.append(args[0].detach())
-        raise _Stop
-
-    handle = model.get_output_embeddings().register_forward_pre_hook(grab)
-    try:
-        for lo in range(0, ids.shape[0], chunk):
-            try:
-                model(input_ids=ids[lo:lo + chunk], use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return torch.cat(got)
+    stops at the lm_head (_capture), so no (N, L, vocab) logits are made."""
+    head = model.get_output_embeddings()
+    return torch.cat([_capture(model, head, ids[lo:lo + chunk])[0] for lo in range(0, ids.shape[0], chunk)])
 
 
 def scorer(layer, paths: tuple[str, ...], kwargs: LayerKwargs):
