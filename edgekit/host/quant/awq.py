@@ -20,6 +20,17 @@ auto_clip.py).
 2. Clip search. Per group of weights, the clipping range max|w| * (1 - i/n_grid) for
    i < max_shrink * n_grid that minimises the group's output error on sampled tokens.
    q_proj and k_proj are not clipped (their errors compound in q k^T; as the reference).
+
+3. Scale fit (edgekit's, not the paper's). Rounding fixes each weight's code c and its
+   group's zero point z; the group scales of one output row then enter the layer's output
+   linearly, so the scales minimising ||X (w - w_hat)^T||^2 over all groups of the row at once
+   are a small least-squares problem in H = 2 X^T X / T (the GPTQ Hessian):
+
+       w_hat = D s,  D[k, g] = (c_k - z_g) if k in group g else 0   ->   (D^T H D) s = D^T H w
+
+   The clip search scores each group alone; this accounts for the others. Measured on SmolLM2
+   int4 g128 (fake-quantized, default calibration): 1-5% lower perplexity on each of the four
+   out-of-domain texts (benchmarks/quantization/README.md).
 """
 
 from __future__ import annotations
@@ -27,8 +38,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from edgekit.host.quant.nbits import NBitsWeight
 from edgekit.host.quant.rtn import QuantSpec, fake_quant, group_len, grouped, params, quantize_dequantize
 
 
@@ -39,6 +52,7 @@ class AWQConfig:
     clip: bool = True
     clip_tokens: int = 512  # tokens sampled for the clip search
     max_shrink: float = 0.5
+    fit: bool = True  # step 3: the scales refitted to the codes by least squares
 
 
 @dataclass
@@ -131,3 +145,39 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, config: AWQCo
             best_max = torch.where(better, max_val, best_max)
         out.append(torch.clamp(wg, -best_max, best_max).reshape(wg.shape[0], -1)[:, :k])
     return torch.cat(out)
+
+
+@torch.no_grad()
+def fit_scales(w: torch.Tensor, h: torch.Tensor, q: NBitsWeight, percdamp: float = 0.01,
+               rows_per_batch: int = 256) -> NBitsWeight:
+    """`q` with each row's block scales refitted, codes and zero points kept, so that its output
+    error (w - w_hat) H (w - w_hat)^T on inputs of Hessian `h` (K, K) is least; a row keeps its
+    scales where the fit is not positive or not better (see step 3 of the module docstring)."""
+    n, k = w.shape
+    assert h.shape == (k, k) and q.in_features == k and q.out_features == n, (w.shape, h.shape, q.codes.shape)
+    blocks, size = q.scales.shape[1], q.block_size
+    kp = blocks * size  # K padded to whole blocks: padding codes equal their zero point, so d = 0 there
+    H = torch.zeros(kp, kp)
+    H[:k, :k] = h.float() + percdamp * torch.diag(h).float().mean() * torch.eye(k)  # damped as GPTQ: solvable
+    zeros = (np.full(q.scales.shape, 1 << (q.bits - 1)) if q.zeros is None else q.zeros).astype(np.float32)
+    best = torch.from_numpy(q.scales).float().clone()  # (N, G)
+    for r0 in range(0, n, rows_per_batch):
+        r = slice(r0, r0 + rows_per_batch)
+        wp = torch.nn.functional.pad(w[r].float(), (0, kp - k))  # (R, Kp)
+        codes = q.codes[r].reshape(-1, blocks, size).astype(np.float32)
+        d = torch.from_numpy(codes - zeros[r, :, None])  # (R, G, size): code - zero point
+        rows = d.shape[0]
+        hd = torch.einsum("kgb,ngb->nkg", H.reshape(kp, blocks, size), d)  # (R, Kp, G): H D
+        dhd = torch.einsum("nga,ngah->ngh", d, hd.reshape(rows, blocks, size, blocks)).double()  # (R, G, G): D^T H D
+        dhw = (d * (wp @ H).reshape(rows, blocks, size)).sum(-1).double()  # (R, G): D^T H w
+        ridge = 1e-9 * dhd.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp(min=1e-30)  # an all-zero block is singular
+        fit = torch.linalg.solve(dhd + ridge[:, None, None] * torch.eye(blocks, dtype=torch.float64), dhw).float()
+        fit = torch.where((d == 0).all(-1), best[r], fit)  # a block whose codes all sit at its zero point: any scale
+
+        def error(s: torch.Tensor, wp=wp, d=d) -> torch.Tensor:  # (R,) output error of each row with scales s
+            e = wp - (d * s[..., None]).reshape(len(s), kp)
+            return ((e @ H) * e).sum(-1)
+
+        ok = (torch.isfinite(fit) & (fit > 0)).all(-1) & (error(fit) < error(best[r]))
+        best[r] = torch.where(ok[:, None], fit, best[r])
+    return NBitsWeight(q.codes, best.numpy(), q.zeros, q.bits, q.block_size, q.in_features, q.accuracy_level)

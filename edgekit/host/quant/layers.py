@@ -39,7 +39,8 @@ def gptq_layer(layer, family, feats: dict, kwargs, plan: QuantPlan) -> dict:
 
 
 def awq_layer(layer, family, feats: dict, kwargs: layerwise.LayerKwargs, plan: QuantPlan) -> dict:
-    """Scale search and apply, then clip search, then RTN of the scaled, clipped weights."""
+    """Scale search and apply, then clip search, then RTN of the scaled, clipped weights, then
+    their scales fitted to the codes (on the Hessian GPTQ would use)."""
     config = plan.awq
     inputs = {}
     with single_thread():  # many small ops per grid point (see gptq.single_thread): 6x faster measured
@@ -48,14 +49,19 @@ def awq_layer(layer, family, feats: dict, kwargs: layerwise.LayerKwargs, plan: Q
             awq_.apply_scale(group, awq_.search_scale(group, plan.spec_for(family.linears[sg.linears[0]]), config))
             for fc in fcs:
                 inputs[fc] = group.x
-        quantized = {}
+        quantized, hessians = {}, {}
         for path, key in family.linears.items():
             fc, spec = layer.get_submodule(path), plan.spec_for(key)
-            w = fc.weight.data
+            w, x = fc.weight.data, inputs.get(fc, feats[key])
+            clipped = w
             if config.clip and path not in family.no_clip:
-                x = inputs.get(fc, feats[key])
-                w = awq_.search_clip(w, x.reshape(-1, x.shape[-1]), spec, config)
-            quantized[path] = rtn(w, spec)
+                clipped = awq_.search_clip(w, x.reshape(-1, x.shape[-1]), spec, config)
+            q = rtn(clipped, spec)
+            if config.fit:
+                if id(x) not in hessians:  # q/k/v and gate/up share one input
+                    hessians[id(x)] = hessian(x, plan.gptq.sink_weight)
+                q = awq_.fit_scales(w, hessians[id(x)], q, plan.gptq.percdamp)
+            quantized[path] = q
     return quantized
 
 
@@ -80,7 +86,7 @@ def settings_record(family, plan: QuantPlan) -> dict:
         return dict(percdamp=c.percdamp, act_order=c.act_order, lazy_block=c.block_size, sink_weight=c.sink_weight,
                     mse=c.mse)
     if plan.method.layer == "awq_layer":
-        return dict(n_grid=plan.awq.n_grid, search_tokens=plan.awq.search_tokens, clip=plan.awq.clip)
+        return dict(n_grid=plan.awq.n_grid, search_tokens=plan.awq.search_tokens, clip=plan.awq.clip, fit=plan.awq.fit)
     if plan.method.layer == "smooth_layer":
         return dict(alpha=plan.alpha, smoothed=", ".join(f"{g.prev}->{'/'.join(g.linears)}"
                                                         for g in family.scale_groups))

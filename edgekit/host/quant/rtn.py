@@ -53,17 +53,22 @@ def params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor
 
 
 def params_mse(x: torch.Tensor, spec: QuantSpec, grid: int = 100, maxshrink: float = 0.2,
-               norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+               norm: float = 2.4, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Like params, but each row's range shrunk by the factor in 1, 0.99, ... 1 - maxshrink
-    that minimises sum |x - quant(x)|^norm (the GPTQ reference code's `mse` option; its
-    maxshrink 0.8 tries 80 factors, but on SmolLM2's int4 groups of 32 and 128 none below 0.8
-    ever wins, so 20 give the same grids 5x faster)."""
+    that minimises sum importance * |x - quant(x)|^norm (the GPTQ reference code's `mse` option;
+    its maxshrink 0.8 tries 80 factors, but on SmolLM2's int4 groups of 32 and 128 none below
+    0.8 ever wins, so 20 give the same grids 5x faster).
+
+    `importance` (broadcast against x, default 1) weighs each weight's error by the mean square
+    of the input it multiplies (diag H, as llama.cpp's importance matrix): unweighted, the search
+    clips a weight that meets a massive activation as readily as any other."""
+    w = torch.ones(()) if importance is None else importance.float()
     best_scale, best_zero = params(x, spec)
-    best_err = (fake_quant(x, best_scale, best_zero, spec) - x).abs().pow(norm).sum(-1)
+    best_err = (w * (fake_quant(x, best_scale, best_zero, spec) - x).abs().pow(norm)).sum(-1)
     for i in range(1, int(maxshrink * grid) + 1):
         p = 1 - i / grid
         scale, zero = params(x * p, spec)  # the range of x * p is p times the range of x
-        err = (fake_quant(x, scale, zero, spec) - x).abs().pow(norm).sum(-1)
+        err = (w * (fake_quant(x, scale, zero, spec) - x).abs().pow(norm)).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -89,9 +94,15 @@ def group_len(spec: QuantSpec, in_features: int) -> int:
     return spec.group_size or in_features
 
 
-def group_params(w: torch.Tensor, spec: QuantSpec, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """RTN scales and zero points of `w` (N, K), each (N, groups); with `mse`, ranges searched."""
-    return (params_mse if mse else params)(grouped(w.float(), group_len(spec, w.shape[1])), spec)
+def group_params(w: torch.Tensor, spec: QuantSpec, mse: bool = False,
+                 importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN scales and zero points of `w` (N, K), each (N, groups); with `mse`, ranges searched,
+    each input feature's error weighted by `importance` (K,) when given (see params_mse)."""
+    gl = group_len(spec, w.shape[1])
+    if not mse:
+        return params(grouped(w.float(), gl), spec)
+    return params_mse(grouped(w.float(), gl), spec,
+                      importance=None if importance is None else grouped(importance[None], gl)[0])
 
 
 def quantize_dequantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
