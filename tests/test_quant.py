@@ -157,6 +157,13 @@ def test_wrong_use_says_what_to_do(fields, message, tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_calib_file_is_refused_before_the_model_loads(tmp_path):
+    """The model path does not exist either: the --calib error coming first shows no load happened."""
+    with pytest.raises(ExportError, match=re.escape("--calib /nonexistent/calib.txt: no such file")):
+        options = ExportOptions(quant="int4-best", calib="/nonexistent/calib.txt")
+        export(tmp_path / "no-model", tmp_path / "out", options, progress=lambda _: None)
+
+
 def test_method_settings_reach_the_bundle(tiny, tmp_path):
     folder = tiny[0]
     default = export(folder, tmp_path / "default", ExportOptions(quant="gptq", group_size=32, **CALIB),

@@ -16,6 +16,7 @@ from edgekit.device.targets import Target, TargetError, load_target
 from edgekit.errors import ExportError
 from edgekit.host.graph import FLAVOURS
 from edgekit.host.quant.awq import AWQConfig
+from edgekit.host.quant.calibration import calib_file
 from edgekit.host.quant.gptq import GPTQConfig
 from edgekit.host.quant.plan import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, LM_HEAD, QuantPlan
 from edgekit.host.quant.rtn import QuantSpec
@@ -153,6 +154,8 @@ def quant_plan(options: ExportOptions) -> QuantPlan | None:
     awq_grid = AWQConfig.n_grid if options.awq_grid is None else options.awq_grid
     if awq_grid < 1:
         raise ExportError(f"--awq-grid {awq_grid} must be at least 1")
+    if options.calib is not None:
+        calib_file(options.calib)
     samples = options.calib_samples or DEFAULT_SAMPLES
     seq_len = options.calib_seq_len or DEFAULT_SEQ_LEN
     if samples < 1 or seq_len < 16:

@@ -49,11 +49,18 @@ def default_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def read_text(path: str | Path) -> str:
-    """The text of a .txt file, or the texts of a .jsonl file joined by blank lines."""
+def calib_file(path: str | Path) -> Path:
+    """`path` as a Path; ExportError in the flag's words when it is not a file (export checks
+    this before it loads the model)."""
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"--calib {path}: no such file")
+    return path
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a .txt file, or the texts of a .jsonl file joined by blank lines."""
+    path = calib_file(path)
     raw = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix != ".jsonl":
         return raw
