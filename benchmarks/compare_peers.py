@@ -259,11 +259,13 @@ def make_artifacts(work: Path, wanted: list[str], bundle: str | None) -> tuple[d
         else:
             missing["edgekit-fp32"] = err
     for peer, flags in EDGEKIT_QUANTIZED.items():
+        if not need(peer):
+            continue
         out = work / peer
-        if need(peer) and (out.exists() or not (err := run_quiet(
-                [py, "-m", "edgekit", "export", "smollm2-135m", "--out", out, *flags], f"{peer} bundle"))):
+        if out.exists() or not (err := run_quiet([py, "-m", "edgekit", "export", "smollm2-135m", "--out", out, *flags],
+                                                 f"{peer} bundle")):
             paths[peer] = str(out)
-        elif need(peer):
+        else:
             missing[peer] = f"`edgekit export {' '.join(flags)}` failed: {err}"
 
     gguf = shipped_gguf()

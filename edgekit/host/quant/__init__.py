@@ -153,9 +153,11 @@ def store_embeddings(out: dict, weights: dict, family, head_spec: QuantSpec = LM
     embed = torch.from_numpy(np.asarray(weights[f"{family.embed_tokens}.weight"]))
     head = weights.get(f"{family.lm_head}.weight")  # absent when tied
     head_w = embed if head is None else torch.from_numpy(np.asarray(head))
-    if head_x is None:
-        out[f"{family.lm_head}.weight"] = rtn(head_w, head_spec)
-    else:
+    out[f"{family.embed_tokens}.weight"] = rtn(embed, LM_HEAD[8])
+    if head_x is not None:
         config = config or GPTQConfig()
         out[f"{family.lm_head}.weight"] = gptq(head_w, hessian(head_x, config.sink_weight), head_spec, config)
-    out[f"{family.embed_tokens}.weight"] = rtn(embed, LM_HEAD[8])
+    elif head is None and head_spec == LM_HEAD[8]:  # tied, rounded as the embedding is: the same codes
+        out[f"{family.lm_head}.weight"] = out[f"{family.embed_tokens}.weight"]
+    else:
+        out[f"{family.lm_head}.weight"] = rtn(head_w, head_spec)

@@ -62,13 +62,13 @@ def params_mse(x: torch.Tensor, spec: QuantSpec, grid: int = 100, maxshrink: flo
     `importance` (broadcast against x, default 1) weighs each weight's error by the mean square
     of the input it multiplies (diag H, as llama.cpp's importance matrix): unweighted, the search
     clips a weight that meets a massive activation as readily as any other."""
-    w = torch.ones(()) if importance is None else importance.float()
+    weight = torch.ones(()) if importance is None else importance.float()
     best_scale, best_zero = params(x, spec)
-    best_err = (w * (fake_quant(x, best_scale, best_zero, spec) - x).abs().pow(norm)).sum(-1)
+    best_err = (weight * (fake_quant(x, best_scale, best_zero, spec) - x).abs().pow(norm)).sum(-1)
     for i in range(1, int(maxshrink * grid) + 1):
         p = 1 - i / grid
         scale, zero = params(x * p, spec)  # the range of x * p is p times the range of x
-        err = (w * (fake_quant(x, scale, zero, spec) - x).abs().pow(norm)).sum(-1)
+        err = (weight * (fake_quant(x, scale, zero, spec) - x).abs().pow(norm)).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
