@@ -59,9 +59,10 @@ def params_mse(x: torch.Tensor, spec: QuantSpec, grid: int = 100, maxshrink: flo
     its maxshrink 0.8 tries 80 factors, but on SmolLM2's int4 groups of 32 and 128 none below
     0.8 ever wins, so 20 give the same grids 5x faster).
 
-    `importance` (broadcast against x, default 1) weighs each weight's error by the mean square
-    of the input it multiplies (diag H, as llama.cpp's importance matrix): unweighted, the search
-    clips a weight that meets a massive activation as readily as any other."""
+    `importance` (broadcast against x, default 1) weighs each weight's error, GPTQ by the RMS of
+    the input it multiplies (the square root of diag H; llama.cpp's importance matrix is its
+    square): unweighted, the search clips a weight that meets a massive activation as readily
+    as any other."""
     weight = torch.ones(()) if importance is None else importance.float()
     best_scale, best_zero = params(x, spec)
     best_err = (weight * (fake_quant(x, best_scale, best_zero, spec) - x).abs().pow(norm)).sum(-1)
