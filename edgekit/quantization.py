@@ -33,7 +33,7 @@ class Method:
     activations: str  # what happens to the activations at run time
     group_sizes: tuple[int, ...] = GROUP_SIZES  # weights per scale it offers
     default_group_size: int | None = None  # None: 128 at 4 bits, per channel at 8
-    mixed_calibration: bool = False  # with --calib, half of the samples from it and half from the default text
+    mixed_calibration: bool = False  # with --calib, N samples from it and N more from the default text
     preset_of: str | None = None  # a recipe of that method, at fixed bits
     # the Linears that read these inputs (the keys of a family's `linears`: attn_in, o_in, mlp_in,
     # down_in) are quantized at 8 bits, the rest at the method's bits
@@ -62,7 +62,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("w8a8", "int8 weights and activations without smoothing (SmoothQuant's baseline)", "w8a8_layer", False,
            (8,), "DynamicQuantizeMatMul", "uint8, dynamic per tensor", group_sizes=(0,)),
     Method("int4-best", "the best int4 edgekit makes: GPTQ in groups of 32 (the MLP's down projection in 8 bits), "
-           "calibrated on --calib and a general text half each, so quality holds off the calibration's domain",
+           "calibrated on --calib and as much general text, so quality holds off the calibration's domain",
            "gptq_layer", True, (4,), "MatMulNBits", "float32", default_group_size=32, mixed_calibration=True,
            preset_of="gptq", int8_inputs=("down_in",)),
 )}

@@ -41,25 +41,23 @@ def _windows(tokenizer, text: str, seq_len: int) -> set[tuple[int, ...]]:
     return {tuple(ids[i:i + seq_len]) for i in range(0, len(ids) - seq_len + 1, seq_len)}
 
 
-@pytest.mark.parametrize("samples", [6, 7])
-def test_mixed_calibration_draws_half_from_calib_and_half_from_the_default_text(smol_tokenizer, calib_file,
-                                                                               samples):
+@pytest.mark.parametrize("samples", [1, 6, 7])
+def test_mixed_calibration_adds_as_many_default_samples_to_those_of_calib(smol_tokenizer, calib_file, samples):
     seq_len = 32
     mixed = calibration_ids(smol_tokenizer, calib_file, samples, seq_len, seed=3, mix_default=True)
-    assert mixed.ids.shape == (samples, seq_len) and mixed.ids.dtype == torch.int64
+    assert mixed.ids.shape == (2 * samples, seq_len) and mixed.ids.dtype == torch.int64
     own = _windows(smol_tokenizer, calib_file.read_text(), seq_len)
     general = _windows(smol_tokenizer, default_text(), seq_len)
     rows = [tuple(r) for r in mixed.ids.tolist()]
-    n_own = samples // 2
-    assert all(r in own for r in rows[:n_own])  # the first half: windows of --calib
-    assert all(r in general for r in rows[n_own:])  # the rest: windows of the default text
-    assert len(set(rows)) == samples  # drawn without replacement
-    # each half is exactly what a calibration on that text alone draws with the same seed
-    alone = calibration_ids(smol_tokenizer, calib_file, n_own, seq_len, seed=3)
-    default = calibration_ids(smol_tokenizer, None, samples - n_own, seq_len, seed=3)
+    assert all(r in own for r in rows[:samples])  # the first N: windows of --calib
+    assert all(r in general for r in rows[samples:])  # the next N: windows of the default text
+    assert len(set(rows)) == 2 * samples  # drawn without replacement
+    # each part is exactly what a calibration on that text alone draws with the same seed
+    alone = calibration_ids(smol_tokenizer, calib_file, samples, seq_len, seed=3)
+    default = calibration_ids(smol_tokenizer, None, samples, seq_len, seed=3)
     assert torch.equal(mixed.ids, torch.cat([alone.ids, default.ids]))
-    assert str(calib_file) in mixed.source and DEFAULT_SOURCE in mixed.source and "half each" in mixed.source
-    assert mixed.record()["samples"] == samples
+    assert mixed.source == f"{calib_file} + {DEFAULT_SOURCE}, {samples} each"
+    assert mixed.record()["samples"] == 2 * samples
 
 
 def test_mixed_calibration_is_deterministic_for_a_seed(smol_tokenizer, calib_file):
@@ -91,7 +89,7 @@ def test_int4_best_exports_an_int4_g32_matmulnbits_bundle_that_records_its_recip
     q = json.loads((bundle / "edgekit.json").read_text())["quantization"]
     assert (q["method"], q["bits"], q["group_size"], q["symmetric"]) == ("int4-best", 4, 32, False)
     assert q["sink_weight"] > 1 and q["mse"] is True
-    assert q["calibration"]["source"] == f"{calib_file} + {DEFAULT_SOURCE}, half each"
+    assert q["calibration"]["source"] == f"{calib_file} + {DEFAULT_SOURCE}, {CALIB['calib_samples']} each"
     attrs = _nbits_attrs(bundle)
     decoder = [a for a in attrs if a["bits"] == 4]
     assert len(decoder) >= 2 * 4  # tiny llama: 2 layers of q/k/v/o/gate/up/down (some fused)

@@ -14,7 +14,7 @@ documents. Evaluation is bounded: the first EVAL_TOKENS[text] tokens of each tex
 Calibration: "default" is edgekit's built-in text (CPython's pydoc topics: what a user gets
 without --calib); rows ending in -narrow calibrate on one seed document
 (--calib mini-giants-paper.txt), never evaluated on. int4-best is the preset
-(--quant int4-best): with --calib it mixes that text with the default one half each; without,
+(--quant int4-best): with --calib it adds as many samples of the default text; without,
 it calibrates on the default text alone (so int4-best and gptq-g32 are the same recipe).
 Rows: fp32; RTN/GPTQ/AWQ int4 at groups of 32, 64 and 128 with both calibrations; the
 earlier rows (int8, SmoothQuant, W8A8, GPTQ variants) and the established libraries:
@@ -338,7 +338,8 @@ def report(results: dict) -> None:
     cols = [*OOD, "ood mean", *IND]
     print(f"\nevaluation: first {EVAL_TOKENS[OOD[0]]} tokens of each out-of-domain text, first "
           f"{EVAL_TOKENS[IND[0]]} of each in-domain one, non-overlapping {WINDOW}-token windows; "
-          f"calibration {SAMPLES} x {SEQ_LEN} tokens, seed 0 (default text, or -narrow: {CALIB})")
+          f"calibration {SAMPLES} x {SEQ_LEN} tokens, seed 0 (default text, or -narrow: {CALIB} "
+          "and as many of the default text)")
     print("| bundle | " + " | ".join(cols) + " | vs fp32 (ood mean) | size MB | x fp32 | quantize s | load |")
     print("|---|" + "---:|" * (len(cols) + 5))
     for name in [n for n in ROWS if n in results]:

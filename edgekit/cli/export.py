@@ -35,7 +35,7 @@ def register(sub) -> None:
     q.add_argument("--group-size", type=int, help="weights per scale: 32, 64, 128, or 0 for per-channel")
     q.add_argument("--sym", action="store_true", help="symmetric weights, no zero points (default: asymmetric)")
     q.add_argument("--calib", help="calibration text: a .txt file or a .jsonl of {\"text\": ...}; GPTQ, AWQ and "
-                   "int4-best draw half the samples from it and half from the default text (CPython's docs)")
+                   "int4-best draw N samples from it and N more from the default text (CPython's docs)")
     q.add_argument("--calib-samples", type=int, help="calibration samples (N)")
     q.add_argument("--calib-seq-len", type=int, help="tokens per calibration sample (L)")
     q.add_argument("--seed", type=int, default=0, help="seed for calibration sampling (default 0)")

@@ -80,7 +80,7 @@ def quantize(loaded, family, arch, weights: dict, plan: QuantPlan,
     if method.calibrated:
         calib = calibration_ids(loaded.tokenizer, plan.calib, plan.samples, plan.seq_len, plan.seed,
                                 mix_default=method.mixed_calibration)
-        say(f"      calibration: {plan.samples} x {plan.seq_len} tokens from {calib.source}")
+        say(f"      calibration: {calib.ids.shape[0]} x {plan.seq_len} tokens from {calib.source}")
 
     quantize_layer = getattr(layers, method.layer)
     # GPTQ corrects each layer for the error of the ones before: the next layer calibrates on this
