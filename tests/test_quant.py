@@ -143,6 +143,8 @@ def test_same_seed_same_bundle_bytes(tiny, tmp_path):
     (dict(quant="gptq", bits=4, group_size=100), "--group-size 100 is not supported"),
     (dict(quant="smoothquant", bits=4), "smoothquant quantizes weights and activations to 8 bits"),
     (dict(quant="gptq", calib_samples=500, calib_seq_len=512), "too short for 500 samples x 512 tokens"),
+    (dict(quant="gptq", calib_samples=500, calib_seq_len=512),  # the default text: no --calib to lengthen
+     "tokens; use fewer --calib-samples or a shorter --calib-seq-len (at most "),
     (dict(quant="awq", calib="/nonexistent/calib.txt"), "--calib /nonexistent/calib.txt: no such file"),
     (dict(quant="awq", damp=0.1), "--damp applies to --quant gptq, not awq"),
     (dict(quant="gptq", damp=0), r"--damp 0 is out of range"),

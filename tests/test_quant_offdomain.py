@@ -1,5 +1,5 @@
 """What issue #16 added for quality off the calibration domain, on tiny random models:
-calibration mixing (--calib half, the default text half), the `--quant int4-best` preset,
+calibration mixing (--calib's N samples and N more of the default text), the `--quant int4-best` preset,
 GPTQ's sink-weighted Hessian and input-weighted ranges, and AWQ's scale fit."""
 
 from __future__ import annotations

@@ -106,10 +106,11 @@ def _windows(tokenizer, text: str, source: str, samples: int, seq_len: int, seed
     ids = np.asarray(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
     windows = len(ids) // seq_len
     if windows < samples:
+        # the default text is drawn from beside --calib too (mix_default): a longer --calib cannot help it
+        longer = "" if source == DEFAULT_SOURCE else "give a longer --calib, or "
         raise ExportError(
             f"calibration text {source} has {len(ids)} tokens, too short for {samples} samples x {seq_len} tokens; "
-            f"give a longer --calib, or fewer --calib-samples or a shorter --calib-seq-len "
-            f"(at most {windows} samples of {seq_len})")
+            f"{longer}use fewer --calib-samples or a shorter --calib-seq-len (at most {windows} samples of {seq_len})")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(windows, size=samples, replace=False))
     return torch.from_numpy(ids[: windows * seq_len].reshape(windows, seq_len)[chosen].copy())  # (N, L)
