@@ -19,16 +19,21 @@ def model(tiny_bundle):
     return Model(tiny_bundle)
 
 
-def test_cached_decoding_equals_recomputing_the_whole_sequence(model):
-    ids = model.encode("Robots need clear rules")
+def decoded_and_recomputed(model: Model, ids: list[int], steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The logits after `steps` greedy steps from `ids` through the cache, and the same position's
+    logits computed again from scratch in one run over the whole sequence."""
     logits, _ = model.prefill(ids)
     seq = list(ids)
-    for _ in range(8):
+    for _ in range(steps):
         seq.append(int(np.argmax(logits)))
         logits = model.step(seq[-1])
     model.reset()
-    full = model.forward(seq, 0, all_logits=True)[-1]
-    np.testing.assert_allclose(logits, full, atol=1e-4)
+    return logits, model.forward(seq, 0, all_logits=True)[-1]
+
+
+def test_cached_decoding_equals_recomputing_the_whole_sequence(model):
+    cached, full = decoded_and_recomputed(model, model.encode("Robots need clear rules"), steps=8)
+    np.testing.assert_allclose(cached, full, atol=1e-4)
 
 
 def test_a_prompt_that_extends_the_cached_one_feeds_only_the_new_tokens(model):
@@ -298,15 +303,9 @@ def long_context_bundles(make_tiny, tmp_path_factory):
 def test_decoding_deep_into_a_long_context_equals_recomputing_it(long_context_bundles, flavour):
     model = Model(long_context_bundles[flavour])
     assert model.context_length == 1024
-    words = ("robot arm gripper sensor camera wheel motor joint " * 60).split()
-    ids = model.encode(" ".join(words))[:300]
-    logits, _ = model.prefill(ids)
-    seq = list(ids)
-    for _ in range(320):
-        seq.append(int(np.argmax(logits)))
-        logits = model.step(seq[-1])
-    model.reset()
-    np.testing.assert_allclose(logits, model.forward(seq, 0, all_logits=True)[-1], atol=1e-4)
+    ids = model.encode("robot arm gripper sensor camera wheel motor joint " * 60)[:300]
+    cached, full = decoded_and_recomputed(model, ids, steps=320)
+    np.testing.assert_allclose(cached, full, atol=1e-4)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
