@@ -1,6 +1,6 @@
 """What issue #16 added for quality off the calibration domain, on tiny random models:
 calibration mixing (--calib's N samples and N more of the default text), the `--quant int4-best` preset,
-GPTQ's sink-weighted Hessian and input-weighted ranges, and AWQ's scale fit."""
+GPTQ's sink-weighted Hessian and input-weighted ranges, and AWQ's clip search and scale fit."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from onnx import helper
 from edgekit.device import Model
 from edgekit.host import ExportOptions, export
 from edgekit.host.load import ExportError
-from edgekit.host.quant.awq import fit_scales
+from edgekit.host.quant.awq import AWQConfig, fit_scales, search_clip
 from edgekit.host.quant.calibration import DEFAULT_SOURCE, calibration_ids, default_text
 from edgekit.host.quant.gptq import gptq, hessian
 from edgekit.host.quant.rtn import QuantSpec, rtn
@@ -200,3 +200,30 @@ def test_awq_scale_fit_keeps_the_codes_and_never_raises_a_rows_output_error(seed
 
     before, after = row_errors(q), row_errors(fitted)
     assert (after <= before * (1 + 1e-4) + 1e-5).all(), (before, after)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 40), k=st.integers(8, 160), group_size=st.sampled_from([0, 16, 32]),
+       bits=st.sampled_from([4, 8]), sym=st.booleans(), tokens=st.sampled_from([4, 64, 400]))
+def test_awq_clip_search_never_raises_a_groups_output_error_on_the_calibration_tokens(seed, n, k, group_size, bits,
+                                                                                       sym, tokens):
+    """Step 2 of AWQ, scored through the Hessian's diagonal blocks: each group's error on every
+    calibration token, sum_t (x_t,g . (w_g - w_hat_g))^2, is at most what rounding without clipping
+    leaves (the search starts from no clipping), and clipping only ever moves weights towards 0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g) * torch.rand(k, generator=g) * 10
+    w = torch.randn(n, k, generator=g)
+    spec = QuantSpec(bits, group_size, sym)
+    clipped = search_clip(w, hessian(x), spec, AWQConfig())
+
+    assert (clipped.abs() <= w.abs()).all() and (torch.sign(clipped) * torch.sign(w) >= 0).all()
+
+    def group_errors(weight):  # (n, groups): each group's share of the output error, summed over tokens
+        e = w - torch.from_numpy(rtn(weight, spec).dequantize())
+        gl = group_size or k
+        e = torch.nn.functional.pad(e, (0, -k % gl)).reshape(n, -1, gl)
+        xg = torch.nn.functional.pad(x, (0, -k % gl)).reshape(tokens, -1, gl)
+        return torch.einsum("tgl,ngl->ntg", xg, e).pow(2).sum(1)
+
+    before, after = group_errors(w), group_errors(clipped)
+    assert (after <= before * (1 + 1e-4) + 1e-4).all(), (before, after)

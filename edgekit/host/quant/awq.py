@@ -18,7 +18,8 @@ auto_clip.py).
        up_proj                  ──► down_proj
 
 2. Clip search. Per group of weights, the clipping range max|w| * (1 - i/n_grid) for
-   i < max_shrink * n_grid that minimises the group's output error on sampled tokens.
+   i < max_shrink * n_grid that minimises the group's output error on the calibration tokens
+   (all of them, through the Hessian's diagonal blocks; the reference samples 512).
    q_proj and k_proj are not clipped (their errors compound in q k^T; as the reference).
 
 3. Scale fit (edgekit's, not the paper's). Rounding fixes each weight's code c and its
@@ -50,7 +51,6 @@ class AWQConfig:
     n_grid: int = 20
     search_tokens: int = 1024  # calibration tokens each candidate scale is scored on (CPU time)
     clip: bool = True
-    clip_tokens: int = 512  # tokens sampled for the clip search
     max_shrink: float = 0.5
     fit: bool = True  # step 3: the scales refitted to the codes by least squares
 
@@ -122,24 +122,34 @@ def divide_output(prev: torch.nn.Module, s: torch.Tensor, norm_offset: float = 0
 
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, config: AWQConfig,
+def search_clip(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, config: AWQConfig,
                 rows_per_batch: int = 256) -> torch.Tensor:
-    """`w` (N, K) with each group clipped to the range that minimises its output error on `x` (T, K)."""
+    """`w` (N, K) with each group clipped to the range that minimises its output error on the
+    calibration inputs, whose Hessian is `h` (K, K).
+
+    A group's rounding error e (gl,) adds mean_t (x_t,g . e)^2 = e^T H_gg e / 2 to the output's
+    mean square, H_gg being the group's diagonal block of H = 2 X^T X / T: every calibration token
+    is scored, at a quarter of the cost of scoring 512 sampled ones as the reference code does
+    (AWQ g128 licence / manpage / manual / releasenotes, fake-quantized: 27.71 / 18.68 / 20.60 /
+    36.71 with 512 tokens, 27.32 / 18.26 / 20.59 / 36.46 with all 16384, in the same time).
+    """
     n, k = w.shape
+    assert h.shape == (k, k), (w.shape, h.shape)
     gl = group_len(spec, k)
-    step = max(1, x.shape[0] // config.clip_tokens)
-    xg = grouped(x[::step][: config.clip_tokens].float(), gl)  # (T, G, gl)
+    groups = -(-k // gl)
+    hp = torch.zeros(groups * gl, groups * gl)
+    hp[:k, :k] = h.float()  # the ragged last group's padding has no input: it adds no error
+    blocks = torch.stack([hp[g * gl:(g + 1) * gl, g * gl:(g + 1) * gl] for g in range(groups)])  # (G, gl, gl)
     out = []
     for r0 in range(0, n, rows_per_batch):
         wg = grouped(w[r0:r0 + rows_per_batch].float(), gl)  # (n, G, gl)
-        want = torch.einsum("tgl,ngl->ntg", xg, wg)
         org_max = wg.abs().amax(-1, keepdim=True)  # (n, G, 1)
         best_max, best_err = org_max.clone(), torch.full(org_max.shape, float("inf"))
         for i in range(int(config.max_shrink * config.n_grid)):
             max_val = org_max * (1 - i / config.n_grid)
             clipped = torch.clamp(wg, -max_val, max_val)
-            q = fake_quant(clipped, *params(clipped, spec), spec)
-            err = (torch.einsum("tgl,ngl->ntg", xg, q) - want).pow(2).mean(1)[..., None]  # (n, G, 1)
+            e = fake_quant(clipped, *params(clipped, spec), spec) - wg  # (n, G, gl)
+            err = torch.einsum("ngl,glm,ngm->ng", e, blocks, e)[..., None]  # (n, G, 1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better, max_val, best_max)

@@ -40,7 +40,7 @@ def gptq_layer(layer, family, feats: dict, kwargs, plan: QuantPlan) -> dict:
 
 def awq_layer(layer, family, feats: dict, kwargs: layerwise.LayerKwargs, plan: QuantPlan) -> dict:
     """Scale search and apply, then clip search, then RTN of the scaled, clipped weights, then
-    their scales fitted to the codes (on the Hessian GPTQ would use)."""
+    their scales fitted to the codes (the clip search and the fit score on the Hessian GPTQ would use)."""
     config = plan.awq
     inputs = {}
     with single_thread():  # many small ops per grid point (see gptq.single_thread): 6x faster measured
@@ -53,13 +53,13 @@ def awq_layer(layer, family, feats: dict, kwargs: layerwise.LayerKwargs, plan: Q
         for path, key in family.linears.items():
             fc, spec = layer.get_submodule(path), plan.spec_for(key)
             w, x = fc.weight.data, inputs.get(fc, feats[key])
+            if id(x) not in hessians:  # q/k/v and gate/up share one input
+                hessians[id(x)] = hessian(x, plan.gptq.sink_weight)
             clipped = w
             if config.clip and path not in family.no_clip:
-                clipped = awq_.search_clip(w, x.reshape(-1, x.shape[-1]), spec, config)
+                clipped = awq_.search_clip(w, hessians[id(x)], spec, config)
             q = rtn(clipped, spec)
             if config.fit:
-                if id(x) not in hessians:  # q/k/v and gate/up share one input
-                    hessians[id(x)] = hessian(x, plan.gptq.sink_weight)
                 q = awq_.fit_scales(w, hessians[id(x)], q, plan.gptq.percdamp)
             quantized[path] = q
     return quantized
