@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from edgekit.device import ContextLengthError, Model
 from edgekit.device.chat import ChatFormatError
 from edgekit.device.session import release_load_memory
+from edgekit.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,14 @@ def test_a_stop_string_ends_generation_and_is_not_returned(model):
     cut = model.generate("Count:", max_new_tokens=24, temperature=0, stop=[stop])
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.find(stop)]
+
+
+@pytest.mark.parametrize("prompt", ["", "\x16", "\x16\x16"])
+def test_a_prompt_with_no_tokens_is_refused_before_any_work(model, prompt):
+    """Found by the MQTT fuzz test: "\x16" tokenizes to nothing, and the refusal came mid-stream."""
+    assert model.encode(prompt) == []
+    with pytest.raises(InputError, match="has no tokens"):
+        model.stream(prompt)
 
 
 def test_an_oversized_prompt_is_refused_before_any_work(model):

@@ -374,8 +374,8 @@ class Model:
         Settings left as None take the bundle's generation defaults. With `json_schema` (a dict or
         its JSON text), `regex` or `grammar` (Lark, as llguidance reads it), at most one, the output
         is constrained to it: the completion is then `valid` unless a limit cut it short. Raises
-        ContextLengthError before any work when the prompt does not fit, ConstraintError when the
-        schema or grammar cannot be used.
+        ContextLengthError before any work when the prompt does not fit, InputError when it has no
+        tokens, ConstraintError when the schema or grammar cannot be used.
 
         With `tools` (OpenAI-shaped functions) the model may call one (`tool_choice` "auto"), must
         ("required", or {"type": "function", "function": {"name": N}}) or may not ("none"); a call is
@@ -419,6 +419,9 @@ class Model:
         t0 = time.perf_counter()
         ids = self.encode(prompt, tools, chat_template_kwargs)
         stats.tokenize_s = time.perf_counter() - t0
+        if not ids:  # "" or only what the tokenizer drops (some control characters): refused here, not mid-stream
+            raise InputError(f"the prompt {str(prompt)[:40]!r} has no tokens (the tokenizer drops what it holds); "
+                             "give it some text")
         self._check_fits(len(ids))
         if prompt_lookup is None:
             prompt_lookup = self.exact_multi_token_runs
