@@ -187,6 +187,41 @@ def serve(peer: str, model_path: str, ids: list[int], new: int, threads: int) ->
         print(json.dumps({"prefill_s": prefill_s, "ttft_s": ttft_s, "steps": steps}), flush=True)
 
 
+def start_child(peer: str, model_path: str, ids_file: Path, new: int, threads: int,
+                pythonpath: Path = ROOT) -> tuple[subprocess.Popen, float]:
+    """A process serving `peer` (see serve), loaded; returns it and its load time in seconds.
+    `pythonpath` is the edgekit checkout an edgekit peer runs (benchmarks/before_after.py gives
+    another). Raises RuntimeError with the child's last lines of stderr when it fails to load."""
+    proc = subprocess.Popen([sys.executable, __file__, "--child", peer, "--model", model_path, "--ids", str(ids_file),
+                             "--new-tokens", str(new), "--threads", str(threads)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(pythonpath)})
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    if not line.startswith("{"):
+        proc.kill()
+        raise RuntimeError("failed to load: " + " | ".join(proc.stderr.read().strip().splitlines()[-3:]))
+    return proc, json.loads(line)["load_s"]
+
+
+def run_child(proc: subprocess.Popen) -> dict:
+    """One run of a child from start_child: its prefill_s, ttft_s and steps."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("run\n")
+    proc.stdin.flush()
+    return json.loads(proc.stdout.readline())
+
+
+def stop_child(proc: subprocess.Popen) -> float | None:
+    """End a child from start_child; returns its peak RSS in MB, read while it lives (its peak is
+    gone when it exits). The parent's edgekit reads it (compare_peers' main puts ROOT on sys.path)."""
+    from edgekit.device import sysinfo
+
+    rss = sysinfo.peak_rss_mb(proc.pid)
+    proc.communicate("quit\n", timeout=60)
+    return rss
+
+
 def summarize(peer: str, model_path: str, load_s: float, runs: list[dict], prompt: int, new: int,
               rss: float | None) -> dict:
     """One peer's figures over its counted runs (the runs' JSON lines): medians, decode's sd, step percentiles."""
@@ -473,18 +508,11 @@ def main() -> int:
             say(f"{peer}: skipped ({missing.get(peer)})")
             continue
         say(f"{peer}: loading {paths[peer]}")
-        proc = subprocess.Popen([sys.executable, __file__, "--child", peer, "--model", paths[peer], "--ids", ids_file,
-                                 "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
-        line = proc.stdout.readline()
-        if not line.startswith("{"):
-            proc.kill()
-            missing[peer] = "failed to load: " + " | ".join(proc.stderr.read().strip().splitlines()[-3:])
+        try:
+            procs[peer], loads[peer] = start_child(peer, paths[peer], ids_file, args.new_tokens, args.threads)
+        except RuntimeError as e:
+            missing[peer] = str(e)
             say(f"{peer}: {missing[peer]}")
-            continue
-        procs[peer] = proc
-        loads[peer] = json.loads(line)["load_s"]
 
     runs: dict[str, list[dict]] = {p: [] for p in procs}
     total = args.warmup + args.runs
@@ -493,18 +521,14 @@ def main() -> int:
             order = list(procs)[i % len(procs):] + list(procs)[:i % len(procs)]  # rotate who goes first
             say(f"round {i + 1}/{total}{' (warm-up)' if i < args.warmup else ''}: {', '.join(order)}")
             for peer in order:
-                proc = procs[peer]
-                proc.stdin.write("run\n")
-                proc.stdin.flush()
-                r = json.loads(proc.stdout.readline())
+                r = run_child(procs[peer])
                 if i >= args.warmup:
                     runs[peer].append(r)
         load_average = os.getloadavg()[0]
     results: dict[str, dict] = {}
     for peer, proc in procs.items():
-        rss = sysinfo.peak_rss_mb(proc.pid)  # while it lives: its peak is gone when it exits
-        proc.communicate("quit\n", timeout=60)
-        results[peer] = summarize(peer, paths[peer], loads[peer], runs[peer], args.prompt_tokens, args.new_tokens, rss)
+        results[peer] = summarize(peer, paths[peer], loads[peer], runs[peer], args.prompt_tokens, args.new_tokens,
+                                  stop_child(proc))
 
     overhead = None
     if args.timer_overhead:
