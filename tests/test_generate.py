@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from edgekit.device import ContextLengthError, Model
 from edgekit.device.chat import ChatFormatError
-from edgekit.device.session import release_load_memory
+from edgekit.device.session import memory_maps, release_load_memory
 from edgekit.errors import InputError
 
 
@@ -267,15 +267,8 @@ def _models(bundle, context: int) -> Model:
 
 
 def resident_kb(path) -> int:
-    """This process's resident kB in the maps of `path` (from /proc/self/smaps)."""
-    total, inside, target = 0, False, str(path.resolve())
-    for line in open("/proc/self/smaps"):
-        fields = line.split(maxsplit=5)
-        if "-" in fields[0] and not fields[0].endswith(":"):
-            inside = len(fields) == 6 and fields[5].strip() == target
-        elif inside and fields[0] == "Rss:":
-            total += int(fields[1])
-    return total
+    """This process's resident kB in the maps of `path`."""
+    return sum(m.kb["Rss"] for m in memory_maps() if m.path == str(path.resolve()))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
@@ -324,14 +317,8 @@ def test_the_cache_takes_memory_only_for_the_positions_written(long_context_bund
     buffers = model._kv.buffers
     start = min(b.ctypes.data for b in buffers.values())
     end = max(b.ctypes.data + b.nbytes for b in buffers.values())
-    mapped = resident = 0
-    for line in open("/proc/self/smaps"):
-        fields = line.split()
-        if "-" in fields[0] and not fields[0].endswith(":"):
-            lo, hi = (int(a, 16) for a in fields[0].split("-"))
-            inside = lo < end and hi > start
-            mapped += (hi - lo) if inside else 0
-        elif inside and fields[0] == "Rss:":
-            resident += int(fields[1]) * 1024
+    inside = [m for m in memory_maps() if m.start < end and m.end > start]
+    mapped = sum(m.end - m.start for m in inside)
+    resident = sum(m.kb["Rss"] * 1024 for m in inside)
     assert mapped >= end - start  # (2 layers x key, value, 2 kv heads x 1024 positions x 16 floats): 0.5 MB
     assert resident <= (end - start) // 8  # a few positions written: a few pages of each buffer

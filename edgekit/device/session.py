@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
@@ -79,6 +80,28 @@ def create_session(
 MADV_DONTNEED = 4  # Linux
 
 
+@dataclass
+class MemoryMap:
+    start: int
+    end: int
+    path: str  # "" for an anonymous map
+    kb: dict[str, int]  # "Rss", "Anonymous", ...: the kB lines of its /proc/self/smaps entry
+
+
+def memory_maps() -> list[MemoryMap]:
+    """This process's memory maps from /proc/self/smaps (Linux; OSError elsewhere)."""
+    maps: list[MemoryMap] = []
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split(maxsplit=5)  # a header "start-end perms offset dev inode [path]", or "Key: value kB"
+        if fields[0].endswith(":"):
+            if maps and len(fields) >= 2 and fields[1].isdigit():
+                maps[-1].kb[fields[0][:-1]] = int(fields[1])
+        else:
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            maps.append(MemoryMap(start, end, fields[5] if len(fields) == 6 else "", {}))
+    return maps
+
+
 def release_load_memory(data_file: Path) -> int:
     """Give back the memory that loading a bundle used and running it does not; returns the size of
     the weight maps it dropped. Linux with glibc; elsewhere it does nothing and returns 0.
@@ -95,25 +118,14 @@ def release_load_memory(data_file: Path) -> int:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         madvise, malloc_trim = libc.madvise, libc.malloc_trim
-        smaps = Path("/proc/self/smaps").read_text().splitlines()
+        maps = memory_maps()
     except (OSError, AttributeError, TypeError):  # not Linux/glibc (macOS, musl, Windows)
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     target = str(data_file.resolve())
-    maps: list[list[int]] = []  # [start, end, anonymous kB] of each map of data_file
-    current: list[int] | None = None
-    for line in smaps:  # a map's header "start-end perms offset dev inode path", then "Key: value kB" lines
-        fields = line.split(maxsplit=5)
-        if "-" in fields[0] and not fields[0].endswith(":"):
-            current = None
-            if len(fields) == 6 and fields[5] == target:
-                current = [int(a, 16) for a in fields[0].split("-")] + [0]
-                maps.append(current)
-        elif current is not None and fields[0] == "Anonymous:":
-            current[2] = int(fields[1])
     released = 0
-    for start, end, anonymous_kb in maps:
-        if anonymous_kb == 0 and madvise(start, end - start, MADV_DONTNEED) == 0:
-            released += end - start
+    for m in maps:
+        if m.path == target and m.kb.get("Anonymous") == 0 and madvise(m.start, m.end - m.start, MADV_DONTNEED) == 0:
+            released += m.end - m.start
     malloc_trim(0)
     return released
