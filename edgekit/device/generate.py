@@ -254,8 +254,6 @@ class Model:
 
         Returns the last position's logits (vocab,) and how many tokens came from the cache.
         """
-        if not ids:
-            raise InputError("the prompt is empty")
         self._check_fits(len(ids))
         reuse = 0
         limit = min(len(self._cached_ids), len(ids) - 1)  # feed at least one token to get logits
@@ -266,6 +264,10 @@ class Model:
         return logits, reuse
 
     def _check_fits(self, prompt_tokens: int) -> None:
+        """Refuse a prompt of no tokens, or of too many to leave a position to generate into."""
+        if prompt_tokens == 0:  # "" or only what the tokenizer drops (some control characters)
+            raise InputError("the prompt has no tokens (empty, or only characters the tokenizer drops); "
+                             "give it some text")
         room = self.context_length - self.prefix_length
         if prompt_tokens >= room:
             raise ContextLengthError(
@@ -419,10 +421,7 @@ class Model:
         t0 = time.perf_counter()
         ids = self.encode(prompt, tools, chat_template_kwargs)
         stats.tokenize_s = time.perf_counter() - t0
-        if not ids:  # "" or only what the tokenizer drops (some control characters): refused here, not mid-stream
-            raise InputError(f"the prompt {str(prompt)[:40]!r} has no tokens (the tokenizer drops what it holds); "
-                             "give it some text")
-        self._check_fits(len(ids))
+        self._check_fits(len(ids))  # here, before any work: not mid-stream
         if prompt_lookup is None:
             prompt_lookup = self.exact_multi_token_runs
         lookup = prompt_lookup and plain_greedy(cfg) and constraint is None and top_logprobs is None
