@@ -291,14 +291,15 @@ def test_loading_gives_back_the_weight_pages_it_no_longer_reads_and_answers_as_b
 def long_context_bundles(make_tiny, tmp_path_factory):
     """A tiny model with 1024 positions, exported in both graph flavours (fused: GroupQueryAttention
     writes into the cache in place; portable: the cache is copied from each run's present)."""
+    from test_portable import FP32_PORTABLE
+
     from edgekit.host import export
     from edgekit.host.export import ExportOptions
 
     folder, _ = make_tiny("llama", seed=3, max_position_embeddings=1024)
     out = tmp_path_factory.mktemp("long")
     return {"fused": export(folder, out / "fused", progress=lambda _: None),
-            "portable": export(folder, out / "portable", ExportOptions(target="jetson-orin-nano", quant="none"),
-                               progress=lambda _: None)}
+            "portable": export(folder, out / "portable", ExportOptions(**FP32_PORTABLE), progress=lambda _: None)}
 
 
 @pytest.mark.parametrize("flavour", ["fused", "portable"])
