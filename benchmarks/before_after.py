@@ -31,7 +31,9 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=5, help="counted runs per process (default: 5)")
     ap.add_argument("--processes", type=int, default=4, help="fresh processes per checkout (default: 4)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads (0: each checkout's default)")
+    ap.add_argument("--background-load", type=int, default=0, metavar="N",
+                    help="N processes spinning on the CPU throughout, loads included (default 0)")
     args = ap.parse_args()
     trees = [Path(c).resolve() for c in args.checkouts]
     for tree in trees:
@@ -42,22 +44,27 @@ def main() -> int:
     from tokenizers import Tokenizer
 
     from edgekit.device.bench import prompt_ids
+    from edgekit.device.bench.busy import busy_cpus
 
     ids = prompt_ids(Tokenizer.from_file(str(Path(args.bundle) / "tokenizer.json")), args.prompt_tokens)
     ids_file = Path(tempfile.mkdtemp(prefix="before_after-")) / "prompt_ids.json"
     ids_file.write_text(json.dumps(ids))
     results: dict[Path, list[dict]] = {tree: [] for tree in trees}
-    for i in range(args.processes):
-        for tree in trees if i % 2 == 0 else trees[::-1]:
-            try:
-                proc, load_s = peers.start_child("edgekit", args.bundle, ids_file, args.new_tokens, args.threads, tree)
-            except RuntimeError as e:
-                raise SystemExit(f"before_after: the process for {tree}: {e}") from None
-            runs = [peers.run_child(proc) for _ in range(args.runs + 1)][1:]  # the first is a warm-up
-            results[tree].append(peers.summarize("edgekit", args.bundle, load_s, runs, len(ids), args.new_tokens,
-                                                 peers.stop_child(proc)))
+    with busy_cpus(args.background_load):
+        for i in range(args.processes):
+            for tree in trees if i % 2 == 0 else trees[::-1]:
+                try:
+                    proc, load_s = peers.start_child("edgekit", args.bundle, ids_file, args.new_tokens, args.threads,
+                                                     tree)
+                except RuntimeError as e:
+                    raise SystemExit(f"before_after: the process for {tree}: {e}") from None
+                runs = [peers.run_child(proc) for _ in range(args.runs + 1)][1:]  # the first is a warm-up
+                results[tree].append(peers.summarize("edgekit", args.bundle, load_s, runs, len(ids), args.new_tokens,
+                                                     peers.stop_child(proc)))
+        load_average = os.getloadavg()[0]
     print(f"{args.bundle}: prompt {len(ids)} tokens + {args.new_tokens} greedy steps, "
-          f"{args.threads} threads, medians of {args.processes} processes, load average {os.getloadavg()[0]:.2f}")
+          f"{args.threads or 'default'} threads, {args.background_load} busy process(es) alongside, "
+          f"medians of {args.processes} processes, load average {load_average:.2f}")
     for label, tree in zip(("before", "after"), trees, strict=True):
         rs = results[tree]
         print(f"{label:6s} {tree}: peak RSS {statistics.median(r['peak_rss_mb'] for r in rs):.0f} MB, "

@@ -70,7 +70,7 @@ def load_peer(peer: str, model_path: str, ids: list[int], new: int, threads: int
     if peer.startswith("edgekit"):
         from edgekit.device import Model
 
-        m = Model(model_path, threads=threads)
+        m = Model(model_path, threads=threads or None)  # 0: its default, the cores others leave free
         load_s = clock() - t0
 
         def run():
@@ -91,7 +91,7 @@ def load_peer(peer: str, model_path: str, ids: list[int], new: int, threads: int
         import llama_cpp
         from llama_cpp import Llama
 
-        m = Llama(model_path, n_ctx=len(ids) + new + 16, n_threads=threads, n_threads_batch=threads,
+        m = Llama(model_path, n_ctx=len(ids) + new + 16, n_threads=threads or None, n_threads_batch=threads or None,
                   n_batch=max(512, len(ids)), n_ubatch=max(512, len(ids)), verbose=False)
         load_s = clock() - t0
         vocab = m.n_vocab()
@@ -144,7 +144,8 @@ def load_peer(peer: str, model_path: str, ids: list[int], new: int, threads: int
         import torch
         from transformers import AutoModelForCausalLM
 
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         m = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
         load_s = clock() - t0
         prompt = torch.tensor([ids])
@@ -241,11 +242,13 @@ def summarize(peer: str, model_path: str, load_s: float, runs: list[dict], promp
 
 
 def set_genai_threads(folder: Path, threads: int) -> None:
-    """ort-genai reads session options from genai_config.json: give it the same thread count."""
+    """ort-genai reads session options from genai_config.json: give it the same thread count (0: its default)."""
     path = folder / "genai_config.json"
     config = json.loads(path.read_text())
     options = config["model"]["decoder"].setdefault("session_options", {})
     options["intra_op_num_threads"] = threads
+    if not threads:
+        del options["intra_op_num_threads"]
     options["inter_op_num_threads"] = 1
     path.write_text(json.dumps(config, indent=4))
 
@@ -451,7 +454,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     ap.add_argument("--bundle", help="an existing edgekit fp32 bundle of smollm2-135m (default: export one in --work)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads for every peer")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(),
+                    help="intra-op threads for every peer; 0: each peer's default (edgekit's: the cores other "
+                         "processes leave free)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
@@ -552,7 +557,8 @@ def main() -> int:
             "decode x": f"{r['decode_tps'] / base['decode_tps']:.2f}",
         })
     machine = sysinfo.machine_description()
-    print(f"SmolLM2-135M-Instruct, pp{args.prompt_tokens} + tg{args.new_tokens}, {args.threads} threads, "
+    print(f"SmolLM2-135M-Instruct, pp{args.prompt_tokens} + tg{args.new_tokens}, "
+          f"{args.threads or 'default'} threads, "
           f"{args.runs} runs after {args.warmup} warm-up, on {machine['cpu_model']} ({machine['logical_cores']} cores, "
           f"{' '.join(machine['isa_flags'])}), onnxruntime {machine['onnxruntime']}; "
           f"{args.background_load} busy process(es) alongside, load average {load_average:.2f}")

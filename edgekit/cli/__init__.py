@@ -19,6 +19,9 @@ from edgekit.errors import EdgekitError, UserError
 # The commands, in --help's order; each module adds its own with register(subparsers).
 COMMANDS: list[str] = ["export", "finetune", "generate", "info", "bench", "eval", "mqtt", "targets"]
 
+# What a device command's --threads means when left out (edgekit/device/threads.py)
+THREADS_DEFAULT = "as many as the cores other processes leave free, up to the target's count or one per physical core"
+
 
 def host_side_missing(command: str, e: ImportError) -> UserError:
     """What a host command (export, finetune) says on an install without the export extra."""

@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from edgekit.cli import THREADS_DEFAULT
+
 
 def _int_list(text: str) -> list[int]:
     """llama-bench's sweeps: "32,128,512"."""
@@ -41,7 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("-r", "--runs", type=int, default=5, help="counted runs per test (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="uncounted warm-up runs per test (default: 1)")
     p.add_argument("-t", "--threads", type=_int_list, metavar="N[,N...]",
-                   help="onnxruntime intra-op threads to sweep (default: the bundle target's, else onnxruntime's)")
+                   help=f"onnxruntime intra-op threads to sweep (default: {THREADS_DEFAULT})")
     p.add_argument("-o", "--output", choices=["md", "csv", "json"], default="md",
                    help="what to print on stdout (default: md)")
     p.add_argument("--report", default="out", metavar="DIR",

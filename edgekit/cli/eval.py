@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgekit.cli import THREADS_DEFAULT
 from edgekit.device.perplexity import DEFAULT_WINDOW, EvalTextError, perplexity, read_eval_text
 from edgekit.device.table import format_table
 from edgekit.errors import UserError
@@ -37,7 +38,7 @@ def _common(p) -> None:
     p.add_argument("--window", type=int, help=f"tokens per window (default {DEFAULT_WINDOW}, or the shortest "
                                               "context of the bundles when that is less)")
     p.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=int, help=f"onnxruntime intra-op threads (default: {THREADS_DEFAULT})")
 
 
 def _window(args, bundles: list[str]) -> int:

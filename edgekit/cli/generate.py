@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from edgekit.cli import THREADS_DEFAULT
 from edgekit.errors import UserError
 
 
@@ -30,7 +31,7 @@ def register(sub) -> None:
                                                             "tokens (stderr, one JSON line per token)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the target's)")
+    p.add_argument("--threads", type=int, help=f"onnxruntime intra-op threads (default: {THREADS_DEFAULT})")
     p.add_argument("--stats", action="store_true", help="print one line of timings after the answer")
     p.add_argument("--prompt-lookup", action=argparse.BooleanOptionalAction,
                    help="greedy: draft tokens from the prompt's n-grams, verified in one run (default: on when "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edgekit.cli import THREADS_DEFAULT
 from edgekit.errors import UserError
 
 
@@ -32,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--reply-prefix", metavar="TOPIC",
                    help="replies go only to ResponseTopics below this (default: PREFIX/reply); a request naming "
                         "another topic is dropped with a log line")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the target's)")
+    p.add_argument("--threads", type=int, help=f"onnxruntime intra-op threads (default: {THREADS_DEFAULT})")
     p.add_argument("--heartbeat", type=_positive(float), default=10.0, metavar="SECONDS",
                    help="heartbeat period (default 10)")
     p.add_argument("--session-expiry", type=_positive(int, zero_ok=True), default=24 * 3600, metavar="SECONDS",

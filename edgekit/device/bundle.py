@@ -99,7 +99,7 @@ class TargetInfo:
 
     name: str | None = None
     arch: str | None = None  # x86_64 | aarch64
-    threads: int | None = None  # onnxruntime intra-op threads; None: onnxruntime's choice
+    threads: int | None = None  # the most onnxruntime intra-op threads (device/threads.py); None: one per physical core
     execution_providers: list = field(default_factory=list)  # in preference order; empty: CPU
     session_config: dict = field(default_factory=dict)  # onnxruntime session config entries
     matmulnbits_accuracy_level: int = 4

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,10 @@ from edgekit.device.lookup import Drafter
 from edgekit.device.sampling import SamplingConfig, plain_greedy, sample
 from edgekit.device.sampling import top_logprobs as top_logprobs_of
 from edgekit.device.session import create_session, release_load_memory
+from edgekit.device.threads import ThreadChooser
 from edgekit.errors import InputError
+
+log = logging.getLogger("edgekit")
 
 
 def _valid_text(text: str) -> str:
@@ -178,17 +182,22 @@ class Model:
             raise InputError(f"threads must be a whole number >= 0 (0: onnxruntime's choice), got {threads!r}")
         if context_length is not None and (not isinstance(context_length, int) or context_length < 2):
             raise InputError(f"context_length must be a whole number >= 2, got {context_length!r}")
+        # Without a thread count, the cores other processes leave free while this one runs
+        # (device/threads.py): measured first while the bundle is verified, then during the runs.
+        self._chooser = ThreadChooser() if threads is None and profile_prefix is None else None
         self.path = Path(bundle)
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
         self.bundle_hash = bundle_hash(self.manifest)
         arch = self.manifest.architecture
         self.context_length = min(context_length or arch.context_length, arch.context_length)
         target = self.manifest.target
+        self._providers = providers or target.execution_providers or None
+        self._session_config = {**target.session_config, **(session_config or {})}
+        if self._chooser is not None:
+            threads = self._chooser.first_choice(most=target.threads)
+        self.threads = threads if threads is not None else target.threads  # None or 0: onnxruntime's choice
         self.session, self.provider = create_session(
-            self.path / "model.onnx",
-            providers or target.execution_providers or None,
-            threads if threads is not None else target.threads,
-            {**target.session_config, **(session_config or {})},
+            self.path / "model.onnx", self._providers, self.threads, self._session_config,
             profile_prefix=profile_prefix,  # onnxruntime's op profiler, for `edgekit bench --profile-ops`
         )
         check_graph(self.path, self.manifest, {i.name: i.shape for i in self.session.get_inputs()},
@@ -205,11 +214,28 @@ class Model:
         # The KV cache: allocated once at the context length, in numpy buffers (so a baked-in prefix
         # can be written in) whose pages exist once written; the graph's flavour decides how a run
         # reads and writes it (device/kv_cache.py).
-        self._kv = kv_cache.for_graph(self.manifest.graph.flavour, self.session, arch.num_layers,
-                                      arch.num_kv_heads, self.context_length, arch.head_size, arch.vocab_size)
+        buffers = kv_cache.buffers_for(arch.num_layers, arch.num_kv_heads, self.context_length, arch.head_size)
+        self._kv = kv_cache.for_graph(self.manifest.graph.flavour, self.session, buffers, arch.vocab_size)
         self.prefix_length = self._load_prefix()
         self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
         release_load_memory(self.path / "model.onnx.data")  # 12-15 MB of a 230 MB int4 process (session.py)
+
+    def _follow_free_cores(self) -> None:
+        """Rebuild the session when the cores other processes leave free have changed (a Model made
+        without a thread count; measured over half a second of runs at least). The KV cache and
+        its tokens stay."""
+        if self._chooser is None or self._chooser.choose() == self.threads:
+            return
+        buffers = self._kv.buffers
+        del self._kv, self.session  # the old session's memory goes back before the new one's comes
+        release_load_memory(self.path / "model.onnx.data")
+        self.threads = self._chooser.threads
+        log.info("the cores other processes leave free have changed: the session is made again")
+        self.session, self.provider = create_session(self.path / "model.onnx", self._providers, self.threads,
+                                                     self._session_config)
+        self._kv = kv_cache.for_graph(self.manifest.graph.flavour, self.session, buffers,
+                                      self.manifest.architecture.vocab_size)
+        release_load_memory(self.path / "model.onnx.data")
 
     def _load_prefix(self) -> int:
         """Write a prefix-tuning adapter's keys and values into cache positions [0, P); returns P.
@@ -247,7 +273,12 @@ class Model:
                 f"{total} tokens do not fit in the context length of {self.context_length}"
             )
         del self._cached_ids[past_length:]
-        return self._kv.run(ids, self.prefix_length + past_length, len(ids) if all_logits else 1)
+        if self._chooser:
+            self._chooser.run_starts()
+        logits = self._kv.run(ids, self.prefix_length + past_length, len(ids) if all_logits else 1)
+        if self._chooser:
+            self._chooser.run_ended()
+        return logits
 
     def prefill(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
         """Bring the cache to hold exactly `ids`, reusing the longest cached prefix.
@@ -255,6 +286,7 @@ class Model:
         Returns the last position's logits (vocab,) and how many tokens came from the cache.
         """
         self._check_fits(len(ids))
+        self._follow_free_cores()
         reuse = 0
         limit = min(len(self._cached_ids), len(ids) - 1)  # feed at least one token to get logits
         while reuse < limit and self._cached_ids[reuse] == ids[reuse]:

@@ -113,11 +113,16 @@ class GrowingCache:
         return logits[0]
 
 
-def for_graph(flavour: str, session: ort.InferenceSession, num_layers: int, kv_heads: int, length: int,
-              head_size: int, vocab_size: int) -> SharedBuffer | GrowingCache:
-    """The cache strategy for a graph of `flavour`, with buffers for `length` positions."""
+def buffers_for(num_layers: int, kv_heads: int, length: int, head_size: int) -> dict[str, np.ndarray]:
+    """Zeroed key and value buffers for `length` positions, "key.{i}" / "value.{i}" per layer."""
     names = [f"{kind}.{i}" for i in range(num_layers) for kind in ("key", "value")]
-    buffers = allocate(names, (1, kv_heads, length, head_size))  # (batch, kv_heads, seq, head_size)
+    return allocate(names, (1, kv_heads, length, head_size))  # (batch, kv_heads, seq, head_size)
+
+
+def for_graph(flavour: str, session: ort.InferenceSession, buffers: dict[str, np.ndarray],
+              vocab_size: int) -> SharedBuffer | GrowingCache:
+    """The cache strategy for a graph of `flavour` over `buffers` (a session rebuilt with another
+    thread count takes the same buffers, and the tokens cached in them stay valid)."""
     if flavour == "portable":
         return GrowingCache(session, buffers)
     return SharedBuffer(session, buffers, vocab_size)

@@ -73,7 +73,7 @@ def create_session(
         raise BundleError(f"{model_path}: onnxruntime cannot load the graph ({first}); the bundle is damaged "
                           "or incomplete (model.onnx and model.onnx.data go together): copy or export it again"
                           ) from None
-    log.info("execution provider: %s", provider)
+    log.info("execution provider: %s, %s intra-op threads", provider, threads or "onnxruntime's default")
     return session, provider
 
 

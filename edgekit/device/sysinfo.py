@@ -48,7 +48,7 @@ def machine_description() -> dict:
         "cpu_model": model,
         "arch": platform.machine(),
         "logical_cores": os.cpu_count(),
-        "physical_cores": _physical_cores(cpuinfo),
+        "physical_cores": physical_cores(cpuinfo),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "isa_flags": sorted(f for f in _ISA_FLAGS if f in flags),
         "ram_mb": _meminfo_mb("MemTotal"),
@@ -200,7 +200,9 @@ def _cpuinfo_value(cpuinfo: str, key: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
-def _physical_cores(cpuinfo: str) -> int | None:
+def physical_cores(cpuinfo: str | None = None) -> int | None:
+    """The physical cores /proc/cpuinfo (or `cpuinfo`, its text) lists; None where it lists none."""
+    cpuinfo = (_read("/proc/cpuinfo") or "") if cpuinfo is None else cpuinfo
     pairs = set(re.findall(r"^physical id\s*:\s*(\d+)\s*$.*?^core id\s*:\s*(\d+)\s*$", cpuinfo,
                            re.MULTILINE | re.DOTALL))
     if pairs:

@@ -54,7 +54,7 @@ class Target:
     execution_providers: list[str]  # in order of preference; the runtime takes the first it has
     graph_flavour: str  # fused | portable
     quantization: dict  # default method, bits, group_size (and e.g. sym) when the user gives no flag
-    threads: int | None  # onnxruntime intra-op threads; None: onnxruntime's default
+    threads: int | None  # the most onnxruntime intra-op threads (device/threads.py); None: one per physical core
     matmulnbits_accuracy_level: int  # MatMulNBits compute type: 1 fp32, 4 int8 dot products
     session_config: dict[str, str]  # onnxruntime session config entries
     onnxruntime_package: str  # what a device installs

@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--broker", default="mqtt://localhost:1883")
     p.add_argument("--vehicle", default="car-01")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="intra-op threads (default: the cores other processes leave free)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="dtc: %(message)s")
     model = Model(args.bundle, threads=args.threads)

@@ -59,7 +59,7 @@ class TestResult:
 
     __test__ = False  # a record, not a pytest test class, whatever its name
 
-    threads: int | None  # None: onnxruntime's default (one per physical core)
+    threads: int | None  # None: the default (onnxruntime's before 2026-11-30, since then device/threads.py's)
     prompt_tokens: int
     new_tokens: int
     runs: int
@@ -80,7 +80,7 @@ class TestResult:
 
     @property
     def threads_label(self) -> str:
-        """The thread count as tables print it: "default" for onnxruntime's choice."""
+        """The thread count as tables print it: "default" when the bench was not given one."""
         return "default" if self.threads is None else str(self.threads)
 
     @classmethod
