@@ -191,14 +191,19 @@ def test_generate_stats_prints_one_line_of_timings(tiny_bundle):
 
 def test_a_background_load_runs_alongside_and_is_recorded(tiny_bundle):
     from edgekit.device.bench.busy import busy_cpus
+    from edgekit.device.threads import our_cpus
 
     with busy_cpus(1):
         spinners = [p for p in multiprocessing.active_children() if p.is_alive()]
         assert len(spinners) == 1
     assert not any(p.is_alive() for p in spinners)  # stopped when the block ends
+    cores = len(our_cpus())
     report = bench.run_benchmark(tiny_bundle, bench.BenchOptions(prompt_tokens=[8], new_tokens=4, runs=1, warmup=0,
-                                                                 background_load=1))
-    assert report["settings"]["background_load"] == 1
-    assert "1 busy process(es) alongside" in bench.format_markdown(report)
+                                                                 background_load=cores))
+    assert report["settings"]["background_load"] == cores
+    assert f"{cores} busy process(es) alongside" in bench.format_markdown(report)
+    # every core busy: without --threads the model ran on one thread, and the report says so
+    assert report["results"][0]["threads"] is None and report["results"][0]["threads_run"] == 1
+    assert bench.format_csv(report).splitlines()[1].split(",")[4] == "default (1)"
     with pytest.raises(bench.BenchError, match="--background-load must be 0 or more"):
         bench.run_benchmark(tiny_bundle, bench.BenchOptions(background_load=-1))

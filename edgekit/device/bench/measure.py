@@ -188,6 +188,7 @@ def run_test(model: Model, load_s: float, threads: int | None, prompt_tokens: in
         peak_rss_scope=scope,
         cpu=CpuReadings.from_dict(sampler.readings.summary()),
         token_latency_ms=np.median(steps, axis=0).round(4).tolist(),
+        threads_run=model.threads,
     )
 
 

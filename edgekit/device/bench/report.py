@@ -22,10 +22,15 @@ class BenchError(InputError):
     """Benchmark settings that cannot work, or a report that cannot be read (the CLI prints it as one line)."""
 
 
+def _named(cls, data: dict) -> dict:
+    """The keys of `data` that dataclass `cls` names; KeyError for a missing one that has no
+    default (a field added since an older report was written has one)."""
+    return {f.name: data[f.name] for f in fields(cls) if f.name in data or f.default is MISSING}
+
+
 def _pick(cls, data: dict):
-    """`cls` (a flat dataclass) from the keys of `data` it names; KeyError for a missing one that
-    has no default (a field added since an older report was written has one)."""
-    return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or f.default is MISSING})
+    """`cls` (a flat dataclass) from the keys of `data` it names (see _named)."""
+    return cls(**_named(cls, data))
 
 
 @dataclass
@@ -77,17 +82,21 @@ class TestResult:
     peak_rss_scope: str  # "test" when the kernel's peak counter could be reset, else "process"
     cpu: CpuReadings
     token_latency_ms: list[float]  # median over runs of each step's model time, in order: the plot
+    threads_run: int | None = None  # what the session ran on at the end (the default follows the free cores)
 
     @property
     def threads_label(self) -> str:
-        """The thread count as tables print it: "default" when the bench was not given one."""
-        return "default" if self.threads is None else str(self.threads)
+        """The thread count as tables print it: "default (N)" when the bench was not given one and
+        the session ran on N ("default" in reports from before edgekit recorded N)."""
+        if self.threads is not None:
+            return str(self.threads)
+        return "default" if self.threads_run is None else f"default ({self.threads_run})"
 
     @classmethod
     def from_dict(cls, data: dict) -> TestResult:
         summaries = {f: _pick(Summary, data[f])
                      for f in ("ttft_ms", "prefill_tps", "decode_tps", "tokenize_ms", "sample_ms", "detokenize_ms")}
-        return cls(**{**{f.name: data[f.name] for f in fields(cls)}, **summaries,
+        return cls(**{**_named(cls, data), **summaries,
                       "itl_ms": _pick(Percentiles, data["itl_ms"]), "step_ms": _pick(Percentiles, data["step_ms"]),
                       "cpu": CpuReadings.from_dict(data["cpu"])})
 
