@@ -200,6 +200,8 @@ class Model:
             self.path / "model.onnx", self._providers, self.threads, self._session_config,
             profile_prefix=profile_prefix,  # onnxruntime's op profiler, for `edgekit bench --profile-ops`
         )
+        if self.provider != "CPUExecutionProvider":
+            self._chooser = None  # a GPU's session: the CPU's threads barely matter, and it is slow to make again
         check_graph(self.path, self.manifest, {i.name: i.shape for i in self.session.get_inputs()},
                     {o.name: o.shape for o in self.session.get_outputs()})
         try:
