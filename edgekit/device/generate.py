@@ -165,6 +165,10 @@ class Model:
     >>> model = Model("bundles/smollm2")
     >>> model.generate("The capital of France is", max_new_tokens=8).text
     >>> for piece in model.stream([{"role": "user", "content": "Hi"}]): print(piece, end="")
+
+    `threads` fixes onnxruntime's intra-op thread count (0: onnxruntime's choice). Left out, the
+    model runs on as many as the cores other processes leave free while it runs, up to the
+    target's count or one per physical core, and follows them between requests (device/threads.py).
     """
 
     def __init__(
