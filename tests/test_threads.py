@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from edgekit.device import Model
 from edgekit.device.bench.busy import busy_cpus
-from edgekit.device.threads import RECHECK_S, STICK, cpu_times, free_threads, others_busy, our_cpus
+from edgekit.device.threads import RECHECK_S, STICK, cpu_quota, cpu_times, free_threads, others_busy, our_cpus
 
 PROMPT = "The robot arm moves to the left and then"
 
@@ -57,6 +57,21 @@ def test_cpu_times_counts_the_busy_time_of_this_process_cpus_only():
     t = cpu_times(frozenset({1, 2}), STAT)
     # user + nice + system + irq + softirq + steal of cpu1 and cpu2; idle and iowait are not busy
     assert t is not None and t.busy == pytest.approx((200 + 100 + 5 + 5 + 300 + 150 + 5) / tick)
+
+
+@pytest.mark.parametrize("files, cores", [
+    ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2, docker run --cpus 1.5
+    ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
+    ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, no limit
+    ({"cpu.max": "garbage\n"}, None),
+    ({}, None),  # no cgroup files: not Linux, or not mounted
+])
+def test_a_containers_cpu_quota_is_read_from_cgroup_v1_or_v2(tmp_path, files, cores):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == cores
 
 
 def spin(seconds: float) -> None:

@@ -20,7 +20,8 @@ from edgekit.errors import EdgekitError, UserError
 COMMANDS: list[str] = ["export", "finetune", "generate", "info", "bench", "eval", "mqtt", "targets"]
 
 # What a device command's --threads means when left out (edgekit/device/threads.py)
-THREADS_DEFAULT = "as many as the cores other processes leave free, up to the target's count or one per physical core"
+THREADS_DEFAULT = ("as many as the cores other processes leave free, up to one per physical core, the target's "
+                   "count and the container's CPU quota")
 
 
 def host_side_missing(command: str, e: ImportError) -> UserError:

@@ -167,8 +167,9 @@ class Model:
     >>> for piece in model.stream([{"role": "user", "content": "Hi"}]): print(piece, end="")
 
     `threads` fixes onnxruntime's intra-op thread count (0: onnxruntime's choice). Left out, the
-    model runs on as many as the cores other processes leave free while it runs, up to the
-    target's count or one per physical core, and follows them between requests (device/threads.py).
+    model runs on as many as the cores other processes leave free while it runs, up to one per
+    physical core, the target's count and the container's CPU quota, and follows them between
+    requests (device/threads.py).
     """
 
     def __init__(

@@ -9,6 +9,7 @@ other processes used on the cores it may run on, from /proc/stat less its own CP
 
     others = (busy seconds of our cores - this process's CPU seconds) / wall seconds
     threads = clamp(round(cores - others), 1, most)    (kept while within STICK of cores - others)
+    most = min(physical cores, CPUs it may use, its container's CPU quota, the target's threads)
 
 while it loads and while its session runs, not while it waits for work (what runs in those gaps
 leaves the cores free when they are needed). Before a request, once `RECHECK_S` of running has been
@@ -22,6 +23,7 @@ different thread counts, and a second session would hold a second copy of the pr
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -53,10 +55,29 @@ def our_cpus() -> frozenset[int]:
         return frozenset(range(os.cpu_count() or 1))
 
 
+def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU time this process's container may use, in cores (`docker run --cpus`), from cgroup
+    v2's cpu.max or v1's CFS quota; None when unlimited or not found."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()  # v2: "max 100000" or "150000 100000"
+    except (OSError, ValueError):
+        try:  # v1: -1 when unlimited
+            quota, period = ((root / "cpu" / f"cpu.cfs_{name}_us").read_text().strip() for name in ("quota", "period"))
+        except OSError:
+            return None
+    try:
+        return None if quota in ("max", "-1") else int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
 def most_threads() -> int:
-    """onnxruntime's own default: one thread per physical core (a hyperthread sibling gains nothing)."""
+    """One thread per physical core (onnxruntime's own default; a hyperthread sibling gains nothing),
+    at most the CPUs this process may use and its container's CPU quota."""
     cpus = len(our_cpus())
-    return max(1, min(sysinfo.physical_cores() or cpus, cpus))
+    quota = cpu_quota()
+    limit = min(cpus, math.ceil(quota)) if quota else cpus
+    return max(1, min(sysinfo.physical_cores() or cpus, limit))
 
 
 def cpu_times(cpus: frozenset[int], stat: str | None = None) -> CpuTimes | None:
@@ -144,10 +165,10 @@ class ThreadChooser:
         return self.threads
 
     def first_choice(self, most: int | None = None) -> int:
-        """At load: the count, at most `most` if given, for what others used since this chooser was
-        made, measuring at least `MIN_WINDOW_S` (waiting out the rest)."""
+        """At load: the count, at most `most` if given (a target's), for what others used since this
+        chooser was made, measuring at least `MIN_WINDOW_S` (waiting out the rest)."""
         if most:
-            self.most = self.threads = most
+            self.most = self.threads = min(most, self.most)
         if self.stretch is not None:
             time.sleep(max(0.0, MIN_WINDOW_S - (time.monotonic() - self.stretch.wall)))
         self.run_ended(force=True)
