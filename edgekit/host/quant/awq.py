@@ -18,8 +18,10 @@ auto_clip.py).
        up_proj                  ──► down_proj
 
 2. Clip search. Per group of weights, the clipping range max|w| * (1 - i/n_grid) for
-   i < max_shrink * n_grid that minimises the group's output error on the calibration tokens
-   (all of them, through the Hessian's diagonal blocks; the reference samples 512).
+   i < max_shrink * n_grid that minimises the row's output error on the calibration tokens
+   (all of them, through the Hessian; the reference samples 512 and scores each group alone):
+   each group's best range alone first, then rounds of coordinate descent over the groups of
+   a row, which count the error the groups share (edgekit's).
    q_proj and k_proj are not clipped (their errors compound in q k^T; as the reference).
 
 3. Scale fit (edgekit's, not the paper's). Rounding fixes each weight's code c and its
@@ -29,7 +31,7 @@ auto_clip.py).
 
        w_hat = D s,  D[k, g] = (c_k - z_g) if k in group g else 0   ->   (D^T H D) s = D^T H w
 
-   The clip search scores each group alone; this accounts for the others. Measured on SmolLM2
+   The scales of a row's groups are fitted together. Measured on SmolLM2
    int4 g128 bundles, default calibration: 1.4% to 4.1% lower perplexity on each of the four
    out-of-domain texts (benchmarks/quantization/README.md).
 """
@@ -52,6 +54,7 @@ class AWQConfig:
     search_tokens: int = 1024  # calibration tokens each candidate scale is scored on (CPU time)
     clip: bool = True
     max_shrink: float = 0.5
+    clip_passes: int = 2  # step 2: rounds of coordinate descent over a row's groups (0: each group alone)
     fit: bool = True  # step 3: the scales refitted to the codes by least squares
 
 
@@ -124,17 +127,22 @@ def divide_output(prev: torch.nn.Module, s: torch.Tensor, norm_offset: float = 0
 @torch.no_grad()
 def search_clip(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, config: AWQConfig,
                 rows_per_batch: int = 256) -> torch.Tensor:
-    """`w` (N, K) with each group clipped to the range that minimises its output error on the
-    calibration inputs, whose Hessian is `h` (K, K).
+    """`w` (N, K) with each group clipped to the range that keeps its row's output error on the
+    calibration inputs, whose Hessian is `h` (K, K), lowest; never above the error without clipping.
 
-    A group's rounding error e (gl,) adds mean_t (x_t,g . e)^2 = e^T H_gg e / 2 to the output's
-    mean square, H_gg being the group's diagonal block of H = 2 X^T X / T: every calibration token
-    is scored (each sample's first weighted as H weighs it), where the reference code samples 512.
+    A row's rounding error e (K,) adds mean_t (x_t . e)^2 = e^T H e / 2 to its output's mean
+    square, H = 2 X^T X / T: every calibration token is scored (each sample's first weighted as H
+    weighs it), where the reference code samples 512 and scores each group g alone (e_g^T H_gg e_g).
+    Each group starts at its best range alone (or the row at no clipping, if that is lower), then
+    `config.clip_passes` rounds of coordinate descent take the groups' shared error into account:
+    changing group g's error by d changes the row's by 2 d^T (H e)_g + d^T H_gg d.
+
     AWQ g128 licence / manpage / manual / releasenotes, fake-quantized: 27.71 / 18.68 / 20.60 /
-    36.71 with 512 sampled tokens, 27.39 / 18.34 / 20.56 / 36.43 through H, and 159 s against 189 s
-    for the whole export. A candidate costs N * K * gl multiply-adds against N * K * 512 for the
-    sampled tokens: less in groups, K / 512 times more per channel (the 8-bit default; at most
-    4x for K <= 2048, 21x for a 7B model's 11008-wide down projection).
+    36.71 with 512 sampled tokens, 27.39 / 18.34 / 20.56 / 36.43 with every group alone through H,
+    27.21 / 18.09 / 20.40 / 35.81 with two rounds of descent (benchmarks/quantization/README.md).
+    A candidate costs N * K * gl multiply-adds, a round N * K * K: for the 8-bit default (per
+    channel, one group a row) no round is needed, and the candidates cost K / 512 times the
+    reference's (at most 4x for K <= 2048, 21x for a 7B model's 11008-wide down projection).
     """
     n, k = w.shape
     assert h.shape == (k, k), (w.shape, h.shape)
@@ -143,20 +151,36 @@ def search_clip(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, config: AWQCo
     hp = torch.zeros(groups * gl, groups * gl)
     hp[:k, :k] = h.float()  # the ragged last group's padding has no input: it adds no error
     blocks = torch.stack([hp[g * gl:(g + 1) * gl, g * gl:(g + 1) * gl] for g in range(groups)])  # (G, gl, gl)
+    shrink = torch.tensor([1 - i / config.n_grid for i in range(max(1, int(config.max_shrink * config.n_grid)))])
     out = []
     for r0 in range(0, n, rows_per_batch):
-        wg = grouped(w[r0:r0 + rows_per_batch].float(), gl)  # (n, G, gl)
-        org_max = wg.abs().amax(-1, keepdim=True)  # (n, G, 1)
-        best_max, best_err = org_max.clone(), torch.full(org_max.shape, float("inf"))
-        for i in range(int(config.max_shrink * config.n_grid)):
-            max_val = org_max * (1 - i / config.n_grid)
-            clipped = torch.clamp(wg, -max_val, max_val)
-            e = fake_quant(clipped, *params(clipped, spec), spec) - wg  # (n, G, gl)
-            err = torch.einsum("ngl,glm,ngm->ng", e, blocks, e)[..., None]  # (n, G, 1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_max = torch.where(better, max_val, best_max)
-        out.append(torch.clamp(wg, -best_max, best_max).reshape(wg.shape[0], -1)[:, :k])
+        wg = grouped(w[r0:r0 + rows_per_batch].float(), gl)  # (R, G, gl)
+        rows = wg.shape[0]
+        org_max = wg.abs().amax(-1, keepdim=True)  # (R, G, 1)
+        errors = []  # each candidate range's rounding error
+        for f in shrink:
+            clipped = torch.clamp(wg, -org_max * f, org_max * f)
+            errors.append(fake_quant(clipped, *params(clipped, spec), spec) - wg)
+        err = torch.stack(errors)  # (I, R, G, gl)
+        r, g_ = torch.arange(rows)[:, None], torch.arange(groups)
+
+        def row_error(e: torch.Tensor) -> torch.Tensor:  # (R,) e^T H e of each row
+            flat = e.reshape(e.shape[0], -1)
+            return ((flat @ hp) * flat).sum(-1)
+
+        choice = torch.einsum("irgl,glm,irgm->irg", err, blocks, err).argmin(0)  # (R, G): each group alone
+        none = torch.zeros_like(choice)  # shrink[0] = 1: no clipping
+        choice = torch.where((row_error(err[none, r, g_]) < row_error(err[choice, r, g_]))[:, None], none, choice)
+        e = err[choice, r, g_]  # (R, G, gl)
+        for _ in range(config.clip_passes if groups > 1 else 0):
+            for g in range(groups):
+                he = e.reshape(rows, -1) @ hp[:, g * gl:(g + 1) * gl]  # (R, gl): (H e) at group g
+                d = err[:, :, g] - e[None, :, g]  # (I, R, gl): each candidate's change to the group's error
+                change = 2 * (d * he).sum(-1) + torch.einsum("irl,lm,irm->ir", d, blocks[g], d)  # (I, R)
+                choice[:, g] = change.argmin(0)  # the current one changes nothing: never worse
+                e[:, g] = err[choice[:, g], r[:, 0], g]
+        best = org_max * shrink[choice][..., None]  # (R, G, 1)
+        out.append(torch.clamp(wg, -best, best).reshape(rows, -1)[:, :k])
     return torch.cat(out)
 
 
