@@ -86,8 +86,8 @@ def settings_record(family, plan: QuantPlan) -> dict:
         return dict(percdamp=c.percdamp, act_order=c.act_order, lazy_block=c.block_size, sink_weight=c.sink_weight,
                     mse=c.mse)
     if plan.method.layer == "awq_layer":
-        c = plan.awq
-        return dict(n_grid=c.n_grid, search_tokens=c.search_tokens, clip=c.clip, clip_passes=c.clip_passes, fit=c.fit)
+        a = plan.awq
+        return dict(n_grid=a.n_grid, search_tokens=a.search_tokens, clip=a.clip, clip_passes=a.clip_passes, fit=a.fit)
     if plan.method.layer == "smooth_layer":
         return dict(alpha=plan.alpha, smoothed=", ".join(f"{g.prev}->{'/'.join(g.linears)}"
                                                         for g in family.scale_groups))
