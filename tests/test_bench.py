@@ -191,13 +191,13 @@ def test_generate_stats_prints_one_line_of_timings(tiny_bundle):
 
 def test_a_background_load_runs_alongside_and_is_recorded(tiny_bundle):
     from edgekit.device.bench.busy import busy_cpus
-    from edgekit.device.threads import our_cpus
+    from edgekit.device.sysinfo import usable_cpus
 
     with busy_cpus(1):
         spinners = [p for p in multiprocessing.active_children() if p.is_alive()]
         assert len(spinners) == 1
     assert not any(p.is_alive() for p in spinners)  # stopped when the block ends
-    cores = len(our_cpus())
+    cores = len(usable_cpus())
     report = bench.run_benchmark(tiny_bundle, bench.BenchOptions(prompt_tokens=[8], new_tokens=4, runs=1, warmup=0,
                                                                  background_load=cores))
     assert report["settings"]["background_load"] == cores

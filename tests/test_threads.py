@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from edgekit.device import Model
 from edgekit.device.bench.busy import busy_cpus
-from edgekit.device.threads import RECHECK_S, STICK, cpu_quota, cpu_times, free_threads, others_busy, our_cpus
+from edgekit.device.sysinfo import usable_cpus
+from edgekit.device.threads import RECHECK_S, STICK, cpu_quota, cpu_times, free_threads, others_busy
 
 PROMPT = "The robot arm moves to the left and then"
 
@@ -81,7 +82,7 @@ def spin(seconds: float) -> None:
 
 
 def test_others_busy_sees_competing_processes_and_not_this_one():
-    cpus = our_cpus()
+    cpus = usable_cpus()
     before = cpu_times(cpus)
     spin(0.5)  # this process keeps one core busy: its own time, not others'
     after = cpu_times(cpus)
@@ -115,7 +116,7 @@ def test_a_model_without_a_thread_count_follows_the_free_cores_and_keeps_its_cac
     fixed = Model(tiny_bundle, threads=2)
     ids = model.encode(PROMPT)
     first, _ = model.prefill(ids)
-    with busy_cpus(len(our_cpus())):  # every core busy with another process
+    with busy_cpus(len(usable_cpus())):  # every core busy with another process
         assert Model(tiny_bundle).threads == 1  # measured while it loads
         model.prefill(ids)
         run_for(model, RECHECK_S + 0.3)  # measured while it runs
@@ -133,7 +134,7 @@ def test_a_model_without_a_thread_count_follows_the_free_cores_and_keeps_its_cac
 def test_what_others_run_while_a_model_waits_for_work_does_not_count(tiny_bundle):
     model = Model(tiny_bundle)
     before = model.threads
-    with busy_cpus(len(our_cpus())):
+    with busy_cpus(len(usable_cpus())):
         time.sleep(RECHECK_S + 0.3)  # the model waits for a request while the cores are busy
     model.prefill(model.encode(PROMPT))
     assert model.threads == before  # that wait is not what it measures: the count stays

@@ -201,10 +201,7 @@ class Model:
         if self._chooser is not None:
             threads = self._chooser.first_choice(most=target.threads)
         self.threads = threads if threads is not None else target.threads  # None or 0: onnxruntime's choice
-        self.session, self.provider = create_session(
-            self.path / "model.onnx", self._providers, self.threads, self._session_config,
-            profile_prefix=profile_prefix,  # onnxruntime's op profiler, for `edgekit bench --profile-ops`
-        )
+        self._open_session(profile_prefix)  # onnxruntime's op profiler, for `edgekit bench --profile-ops`
         if self.provider != "CPUExecutionProvider":
             self._chooser = None  # a GPU's session: the CPU's threads barely matter, and it is slow to make again
         check_graph(self.path, self.manifest, {i.name: i.shape for i in self.session.get_inputs()},
@@ -227,6 +224,11 @@ class Model:
         self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
         release_load_memory(self.path / "model.onnx.data")  # 12-15 MB of a 230 MB int4 process (session.py)
 
+    def _open_session(self, profile_prefix: str | Path | None = None) -> None:
+        """self.session and self.provider for the bundle's graph, on `self.threads`."""
+        self.session, self.provider = create_session(self.path / "model.onnx", self._providers, self.threads,
+                                                     self._session_config, profile_prefix=profile_prefix)
+
     def _follow_free_cores(self) -> None:
         """Rebuild the session when the cores other processes leave free have changed (a Model made
         without a thread count; measured over half a second of runs at least). The KV cache and
@@ -238,8 +240,7 @@ class Model:
         release_load_memory(self.path / "model.onnx.data")
         self.threads = self._chooser.threads
         log.info("the cores other processes leave free have changed: the session is made again")
-        self.session, self.provider = create_session(self.path / "model.onnx", self._providers, self.threads,
-                                                     self._session_config)
+        self._open_session()
         self._kv = kv_cache.for_graph(self.manifest.graph.flavour, self.session, buffers,
                                       self.manifest.architecture.vocab_size)
         release_load_memory(self.path / "model.onnx.data")

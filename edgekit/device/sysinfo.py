@@ -49,7 +49,7 @@ def machine_description() -> dict:
         "arch": platform.machine(),
         "logical_cores": os.cpu_count(),
         "physical_cores": physical_cores(cpuinfo),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": len(usable_cpus()),
         "isa_flags": sorted(f for f in _ISA_FLAGS if f in flags),
         "ram_mb": _meminfo_mb("MemTotal"),
         "ram_available_mb": _meminfo_mb("MemAvailable"),
@@ -198,6 +198,14 @@ def _read(path: str | Path) -> str | None:
 def _cpuinfo_value(cpuinfo: str, key: str) -> str | None:
     m = re.search(rf"^{re.escape(key)}\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
     return m.group(1).strip() if m else None
+
+
+def usable_cpus() -> frozenset[int]:
+    """The CPUs this process may run on (taskset / cgroup cpuset), else all of them."""
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return frozenset(range(os.cpu_count() or 1))
 
 
 def physical_cores(cpuinfo: str | None = None) -> int | None:

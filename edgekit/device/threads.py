@@ -47,14 +47,6 @@ class CpuTimes:
     cpus: frozenset[int]
 
 
-def our_cpus() -> frozenset[int]:
-    """The CPUs this process may run on (taskset / cgroup cpuset), else all of them."""
-    try:
-        return frozenset(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return frozenset(range(os.cpu_count() or 1))
-
-
 def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """The CPU time this process's container may use, in cores (`docker run --cpus`), from cgroup
     v2's cpu.max or v1's CFS quota; None when unlimited or not found."""
@@ -74,7 +66,7 @@ def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
 def most_threads() -> int:
     """One thread per physical core (onnxruntime's own default; a hyperthread sibling gains nothing),
     at most the CPUs this process may use and its container's CPU quota."""
-    cpus = len(our_cpus())
+    cpus = len(sysinfo.usable_cpus())
     quota = cpu_quota()
     limit = min(cpus, math.ceil(quota)) if quota else cpus
     return max(1, min(sysinfo.physical_cores() or cpus, limit))
@@ -131,7 +123,7 @@ class ThreadChooser:
     """
 
     most: int = field(default_factory=most_threads)
-    cpus: frozenset[int] = field(default_factory=our_cpus)
+    cpus: frozenset[int] = field(default_factory=sysinfo.usable_cpus)
     threads: int = 0
     stretch: CpuTimes | None = None  # the start of the stretch of runs being measured
     last_end: float = 0.0  # time.monotonic() when the last run ended
