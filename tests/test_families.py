@@ -208,10 +208,12 @@ def test_scale_groups_leave_the_layer_unchanged_before_rounding(name, tiny, smol
     feats, want = layerwise.linear_inputs(layer, layerwise.inputs_of(family.linears), hidden, kwargs)
     groups = scale_groups(layer, family, feats)
     assert groups, f"{name}: no scale group applies"
+    if family.num_kv_heads < family.num_heads and any(g.prev.endswith("v_proj") for g in family.scale_groups):
+        assert any(channels is not None for *_, channels in groups), f"{name}: v_proj -> o_proj left out under GQA"
     gen = torch.Generator().manual_seed(0)
-    for _sg, prev, fcs, x in groups:
-        s = torch.rand(x.shape[-1], generator=gen) * 1.5 + 0.5
-        awq.apply_scale(awq.ScaleGroup(prev, fcs, x, lambda t: t, family.norm_offset), s)
+    for _sg, prev, fcs, x, channels in groups:
+        s = torch.rand(prev.weight.shape[0] if channels is not None else x.shape[-1], generator=gen) * 1.5 + 0.5
+        awq.apply_scale(awq.ScaleGroup(prev, fcs, x, lambda t: t, family.norm_offset, channels), s)
     got = layerwise.run_layer(layer, hidden, kwargs)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), f"{name}: {(got - want).abs().max():.2e}"
 

@@ -18,7 +18,7 @@ from onnx import helper
 from edgekit.device import Model
 from edgekit.host import ExportOptions, export
 from edgekit.host.load import ExportError
-from edgekit.host.quant.awq import AWQConfig, fit_scales, search_clip
+from edgekit.host.quant.awq import AWQConfig, ScaleGroup, fit_scales, search_clip, search_scale
 from edgekit.host.quant.calibration import DEFAULT_SOURCE, calibration_ids, default_text
 from edgekit.host.quant.gptq import gptq, hessian
 from edgekit.host.quant.rtn import QuantSpec, rtn
@@ -252,3 +252,31 @@ def test_awq_clip_search_over_a_rows_groups_never_raises_its_output_error(seed, 
     joint = row_errors(search_clip(w, h, spec, AWQConfig()))
     bound = torch.minimum(row_errors(w), row_errors(search_clip(w, h, spec, AWQConfig(clip_passes=0))))
     assert (joint <= bound * (1 + 1e-4) + 1e-3).all(), (joint, bound)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), kv_heads=st.sampled_from([1, 2, 4]), n_rep=st.sampled_from([1, 2, 3]),
+       samples=st.integers(1, 4), seq_len=st.integers(2, 24), sink=st.floats(1e-3, 1e4))
+def test_awq_scale_search_gives_one_scale_per_value_channel_and_ignores_each_samples_first_token(
+        seed, kv_heads, n_rep, samples, seq_len, sink):
+    """Step 1 of AWQ for v_proj -> o_proj under grouped-query attention: o_proj's input channels
+    that repeat one value channel share its scale, and the search scores every token but each
+    sample's first (the attention sink), however large its output."""
+    g = torch.Generator().manual_seed(seed)
+    head_size, out = 4, 12
+    c = torch.arange(kv_heads * n_rep * head_size)
+    channels = (c // head_size) // n_rep * head_size + c % head_size  # as transformers' repeat_kv lays them out
+    v_proj = torch.nn.Linear(8, kv_heads * head_size, bias=False)
+    o_proj = torch.nn.Linear(len(c), out, bias=False)
+    o_proj.weight.data = torch.randn(out, len(c), generator=g) * torch.rand(len(c), generator=g) * 3
+    x = torch.randn(samples, seq_len, len(c), generator=g) * torch.rand(len(c), generator=g) * 5
+
+    def searched(first_token_factor: float) -> torch.Tensor:
+        weigh = torch.ones(seq_len, 1)
+        weigh[0] = first_token_factor
+        group = ScaleGroup(v_proj, [o_proj], x, lambda t: o_proj(t) * weigh, channels=channels)
+        return search_scale(group, QuantSpec(4, 8), AWQConfig(n_grid=10))
+
+    s = searched(1.0)
+    assert s.shape == (kv_heads * head_size,) and (s > 0).all()
+    torch.testing.assert_close(searched(sink), s, rtol=0, atol=0)

@@ -81,7 +81,7 @@ class Llama:
     }
     scale_groups: tuple[ScaleGroup, ...] = (
         ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn",)),
-        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), ("self_attn.o_proj",), smooth=False),  # not under GQA
+        ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), ("self_attn.o_proj",), smooth=False),
         ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), ("mlp",)),
         ScaleGroup("mlp.up_proj", ("mlp.down_proj",), ("mlp.down_proj",)),
     )

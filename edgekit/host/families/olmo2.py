@@ -5,7 +5,8 @@ whole projection (not per head):
     h = h + post_feedforward_layernorm(mlp(h))
 
 With no norm in front of q/k/v or gate/up, AWQ and SmoothQuant have no op to fold their scales
-into there: they scale v_proj -> o_proj (without GQA) and up_proj -> down_proj only.
+into there: they scale v_proj -> o_proj (one scale per value channel under GQA) and up_proj ->
+down_proj only.
 """
 
 from __future__ import annotations

@@ -10,12 +10,24 @@ auto_clip.py).
 
    each ratio is scored by the MSE between the block's output in fp32 and with the
    weights W * s rounded (then / s), and the best s is applied exactly: W <- W * s and the
-   op before them <- op / s (an RMSNorm's weight, or the rows of the Linear before):
+   op before them <- op / s (an RMSNorm's weight, or the rows of the Linear before).
+   Each sample's first token is left out of the MSE (edgekit's): the attention sink's
+   output is up to 80x larger than the other tokens' in SmolLM2's last layers, so 0.2% of
+   the tokens made 25-51% of the MSE there and the search fitted that one token (its error
+   still counts, 8-fold, in the Hessian of steps 2 and 3).
 
        input_layernorm          ──► q_proj, k_proj, v_proj   (block scored: self_attn)
-       v_proj                   ──► o_proj                   (only when v_proj's output is o_proj's input: no GQA)
+       v_proj                   ──► o_proj                   (block scored: o_proj)
        post_attention_layernorm ──► gate_proj, up_proj       (block scored: mlp)
        up_proj                  ──► down_proj
+
+   Under grouped-query attention o_proj's input channel h * head_size + d is v_proj's output
+   channel (h // n_rep) * head_size + d, repeated for the n_rep query heads sharing a kv head:
+   the channels that repeat one v channel share its scale (`ScaleGroup.channels`), scored on
+   their mean |x|. The reference code leaves o_proj unscaled then. SmolLM2 (3 kv heads of 9)
+   int4 g128, default calibration, with both of edgekit's changes to this step: the
+   out-of-domain mean of benchmarks/quantization 25.42 -> 25.22, the licence 27.25 -> 26.78;
+   with a narrow --calib the licence got worse (27.78 -> 28.38; README there).
 
 2. Clip search. Per group of weights, the clipping range max|w| * (1 - i/n_grid) for
    i < max_shrink * n_grid that minimises the row's output error on the calibration tokens
@@ -65,27 +77,37 @@ class ScaleGroup:
     x: torch.Tensor  # their input (N, L, K)
     block: Callable[[torch.Tensor], torch.Tensor]  # what the loss is measured on
     norm_offset: float = 0.0  # a norm that multiplies by (offset + weight) (Gemma: 1)
+    channels: torch.Tensor | None = None  # (K,) the output channel of `prev` each input channel reads; None: its own
+
+    def expand(self, s: torch.Tensor) -> torch.Tensor:
+        """A scale over prev's output channels -> over the Linears' input channels (K,)."""
+        return s if self.channels is None else s[self.channels]
 
 
 @torch.no_grad()
 def search_scale(group: ScaleGroup, spec: QuantSpec, config: AWQConfig) -> torch.Tensor:
-    """The per-input-channel scale s (K,) of a group that minimises its block's output MSE."""
+    """The scale s over prev's output channels (K, or fewer under GQA: see `ScaleGroup.channels`)
+    that minimises the group's block output MSE."""
     n, seq_len, k = group.x.shape
     # score on S samples spread over all N: a mixed calibration puts --calib's samples first, and
     # scales fitted to the first S alone then fit that text (AWQ g128 narrow: licence 31.5 -> 29.8)
     pick = torch.linspace(0, n - 1, max(1, min(n, config.search_tokens // seq_len))).round().long()
     x = group.x[pick]  # (S, L, K)
-    want = group.block(x)
+    want = group.block(x)[:, 1:]  # (S, L - 1, out): without the sink (see the module docstring)
     x_max = group.x.abs().reshape(-1, k).mean(0)  # (K,) mean |activation| per channel, all tokens
+    if group.channels is not None:  # (prev's channels,): the mean over the input channels that repeat each
+        repeats = torch.bincount(group.channels)
+        x_max = torch.zeros(len(repeats)).index_add_(0, group.channels, x_max) / repeats
     originals = [fc.weight.data for fc in group.linears]
-    best_loss, best_s = float("inf"), torch.ones(k)
+    best_loss, best_s = float("inf"), torch.ones(len(x_max))
     try:
         for r in range(config.n_grid):
             s = x_max.pow(r / config.n_grid).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
+            sk = group.expand(s)  # (K,)
             for fc, w in zip(group.linears, originals, strict=True):
-                fc.weight.data = quantize_dequantize(w * s, spec) / s
-            loss = (want - group.block(x)).float().pow(2).mean().item()
+                fc.weight.data = quantize_dequantize(w * sk, spec) / sk
+            loss = (want - group.block(x)[:, 1:]).float().pow(2).mean().item()
             if loss < best_loss:
                 best_loss, best_s = loss, s
     finally:
@@ -96,11 +118,13 @@ def search_scale(group: ScaleGroup, spec: QuantSpec, config: AWQConfig) -> torch
 
 @torch.no_grad()
 def apply_scale(group: ScaleGroup, s: torch.Tensor) -> None:
-    """prev <- prev / s, linears <- W * s; the block computes exactly what it did."""
+    """prev <- prev / s, linears <- W * s (over the channels they read); the block computes exactly
+    what it did."""
+    sk = group.expand(s)  # (K,)
     divide_output(group.prev, s, group.norm_offset)
     for fc in group.linears:
-        fc.weight.data = fc.weight.data * s
-    group.x = group.x / s
+        fc.weight.data = fc.weight.data * sk
+    group.x = group.x / sk
 
 
 @torch.no_grad()

@@ -44,8 +44,9 @@ def awq_layer(layer, family, feats: dict, kwargs: layerwise.LayerKwargs, plan: Q
     config = plan.awq
     inputs = {}
     with single_thread():  # many small ops per grid point (see gptq.single_thread): 6x faster measured
-        for sg, prev, fcs, x in scale_groups(layer, family, feats):
-            group = awq_.ScaleGroup(prev, fcs, x, layerwise.scorer(layer, sg.scored, kwargs), family.norm_offset)
+        for sg, prev, fcs, x, channels in scale_groups(layer, family, feats):
+            group = awq_.ScaleGroup(prev, fcs, x, layerwise.scorer(layer, sg.scored, kwargs), family.norm_offset,
+                                    channels)
             awq_.apply_scale(group, awq_.search_scale(group, plan.spec_for(family.linears[sg.linears[0]]), config))
             for fc in fcs:
                 inputs[fc] = group.x
@@ -67,8 +68,8 @@ def awq_layer(layer, family, feats: dict, kwargs: layerwise.LayerKwargs, plan: Q
 
 def smooth_layer(layer, family, feats: dict, kwargs, plan: QuantPlan) -> dict:
     """Migrate the activations' outliers into the weights, then int8 weights for int8-per-token activations."""
-    for sg, prev, fcs, x in scale_groups(layer, family, feats):
-        if sg.smooth:
+    for sg, prev, fcs, x, channels in scale_groups(layer, family, feats):
+        if sg.smooth and channels is None:
             act_max = x.abs().reshape(-1, x.shape[-1]).amax(0)  # (K,)
             smooth(prev, fcs, act_max, plan.alpha, family.norm_offset)
     return {path: quantize_w8a8(layer.get_submodule(path).weight.data, "per_token") for path in family.linears}
@@ -95,13 +96,27 @@ def settings_record(family, plan: QuantPlan) -> dict:
 
 
 def scale_groups(layer, family, feats: dict) -> list[tuple]:
-    """The family's scale groups as (prev module, Linears, their input) that apply to this layer:
-    a Linear feeding Linears needs its output rows to be their input channels (not so for v_proj
-    and o_proj under grouped-query attention)."""
+    """The family's scale groups as (prev module, Linears, their input, channels) that apply to this
+    layer. A Linear feeding Linears needs each of their input channels to be one of its output
+    channels: the same one, or under grouped-query attention (v_proj -> o_proj) the kv channel a
+    query head's channel repeats, which `channels` (K,) then names (see awq.ScaleGroup)."""
     groups = []
     for sg in family.scale_groups:
         prev, fcs = layer.get_submodule(sg.prev), [layer.get_submodule(p) for p in sg.linears]
+        channels = None
         if isinstance(prev, torch.nn.Linear) and prev.out_features != fcs[0].in_features:
-            continue
-        groups.append((sg, prev, fcs, feats[family.linears[sg.linears[0]]]))
+            channels = repeated_kv_channels(family, prev.out_features, fcs[0].in_features)
+            if channels is None:
+                continue
+        groups.append((sg, prev, fcs, feats[family.linears[sg.linears[0]]], channels))
     return groups
+
+
+def repeated_kv_channels(family, kv_features: int, in_features: int) -> torch.Tensor | None:
+    """o_proj's input channel h * head_size + d -> the v_proj channel (h // n_rep) * head_size + d
+    it reads (transformers' repeat_kv), when the shapes are those of grouped-query attention."""
+    heads, kv_heads, size = family.num_heads, family.num_kv_heads, family.head_size
+    if kv_features != kv_heads * size or in_features != heads * size or heads % kv_heads:
+        return None
+    c = torch.arange(in_features)
+    return (c // size) // (heads // kv_heads) * size + c % size
