@@ -12,7 +12,7 @@ import re
 
 import jsonschema
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edgekit.device import Model
@@ -142,12 +142,26 @@ SCHEMA = st.recursive(LEAVES, lambda children: st.one_of(
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(schema=SCHEMA, seed=st.integers(0, 10_000))
+# found by this test: max_new_tokens ran out where the grammar forces "}]", and the forced tokens
+# it cut off the text had been consumed by the grammar, so the cut text was called valid
+@example(schema={"type": "array", "maxItems": 3, "items": {
+    "type": "object", "properties": {"vw": {"enum": ["a", "aaeba"]}, "u": {"type": "boolean"},
+                                     "vuuu": {"type": "boolean"}},
+    "required": ["u", "vuuu", "vw"], "additionalProperties": False}}, seed=182)
 def test_any_schema_of_this_kind_gives_valid_json_or_says_it_is_incomplete(schema, seed, model):
     done = model.generate("Robot:", json_schema=schema, max_new_tokens=60, temperature=1.0, seed=seed)
     if done.valid:
         jsonschema.validate(json.loads(done.text), schema)
     else:
         assert done.finish_reason in ("length", "context")
+
+
+def test_a_stop_string_that_cuts_a_constrained_answer_leaves_it_invalid(model):
+    schema = {"enum": ["abcabc"]}
+    whole = model.generate("Robot:", json_schema=schema, max_new_tokens=20)
+    assert whole.valid and whole.text == '"abcabc"'
+    cut = model.generate("Robot:", json_schema=schema, max_new_tokens=20, stop=["ca"])
+    assert (cut.text, cut.finish_reason, cut.valid) == ('"ab', "stop", False)
 
 
 def test_command_line_constrains_and_says_when_the_answer_is_cut(tiny_bundle, tmp_path):

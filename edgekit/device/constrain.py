@@ -128,6 +128,11 @@ class Constraint:
         if not self.matcher.consume_tokens(tokens):
             raise ConstraintError(f"the grammar refused a token it allowed: {self.matcher.get_error()[:300]}")
 
+    def rollback(self, n: int) -> None:
+        """Forget the last `n` tokens consumed: forced tokens that a limit kept out of the output."""
+        if n and not self.matcher.rollback(n):
+            raise ConstraintError(f"the grammar cannot take back {n} tokens: {self.matcher.get_error()[:300]}")
+
     @property
     def finished(self) -> bool:
         """The output is complete: nothing but EOS may follow."""

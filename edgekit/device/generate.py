@@ -543,7 +543,10 @@ class Model:
                     if forced:
                         constraint.consume(forced)
                         feed += forced
-            feed = feed[: max_new - len(out)]
+            left = max_new - len(out)
+            if constraint and len(feed) > left:  # forced tokens past max_new_tokens: the grammar forgets them too
+                constraint.rollback(len(feed) - left)
+            feed = feed[:left]
             if logprobs is not None:  # tokens a grammar forced: the model did not choose them
                 logprobs += [{"id": i, "token": self.tokenizer.id_to_token(i), "logprob": None, "top": []}
                              for i in feed[len(logprobs) - len(out):]]
@@ -596,7 +599,8 @@ class Model:
         if len(text) > emitted:
             yield text[emitted:]
         stats.new_tokens = len(out)
-        valid = None if constraint is None else constraint.accepting or constraint.finished
+        # a stop string cuts the text, not the tokens the grammar took: cut text is never called valid
+        valid = None if constraint is None else finish != "stop" and (constraint.accepting or constraint.finished)
         calls = tool_calls.parse_calls(text) if with_tools and valid else None
         if calls:
             finish = "tool_calls"
