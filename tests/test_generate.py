@@ -125,6 +125,14 @@ def test_a_stop_string_ends_generation_and_is_not_returned(model):
     assert cut.text == full.text[: full.text.find(stop)]
 
 
+def test_no_stop_string_is_none_and_an_empty_or_non_string_one_is_refused(model):
+    plain = model.generate("Count:", max_new_tokens=8, temperature=0)
+    assert model.generate("Count:", max_new_tokens=8, temperature=0, stop=None).text == plain.text
+    for bad in ("", ["x", ""], [3], [None]):
+        with pytest.raises(InputError, match="stop must be a non-empty string"):
+            model.generate("Count:", max_new_tokens=8, stop=bad)
+
+
 @pytest.mark.parametrize("prompt", ["", "\x16", "\x16\x16"])
 def test_a_prompt_with_no_tokens_is_refused_before_any_work(model, prompt):
     """Found by the MQTT fuzz test: "\x16" tokenizes to nothing, and the refusal came mid-stream."""

@@ -397,7 +397,7 @@ class Model:
         top_p: float | None = None,
         repetition_penalty: float | None = None,
         seed: int | None = None,
-        stop: str | Sequence[str] = (),
+        stop: str | Sequence[str] | None = (),
         json_schema: dict | str | None = None,
         regex: str | None = None,
         grammar: str | None = None,
@@ -441,7 +441,9 @@ class Model:
                 raise ConstraintError("tools and a json_schema, regex or grammar do not combine: a call is "
                                       "constrained to its tool's parameters")
             spec = tool_calls.constraint_for(tools, tool_choice)
-        stop = [stop] if isinstance(stop, str) else list(stop)
+        stop = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) and s for s in stop):  # "" would cut every answer at its start
+            raise InputError(f"stop must be a non-empty string or a list of them, got {stop!r}")
         gen = self.manifest.generation
         # Any: an int (top_k) among floats, each checked by SamplingConfig as a caller gave it
         given: dict[str, Any] = {
