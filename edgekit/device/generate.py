@@ -417,7 +417,7 @@ class Model:
         its JSON text), `regex` or `grammar` (Lark, as llguidance reads it), at most one, the output
         is constrained to it: the completion is then `valid` unless a limit cut it short. Raises
         ContextLengthError before any work when the prompt does not fit, InputError when it has no
-        tokens, ConstraintError when the schema or grammar cannot be used.
+        tokens or a `stop` string is empty, ConstraintError when the schema or grammar cannot be used.
 
         With `tools` (OpenAI-shaped functions) the model may call one (`tool_choice` "auto"), must
         ("required", or {"type": "function", "function": {"name": N}}) or may not ("none"); a call is
