@@ -133,6 +133,26 @@ def test_no_stop_string_is_none_and_an_empty_or_non_string_one_is_refused(model)
             model.generate("Count:", max_new_tokens=8, stop=bad)
 
 
+@pytest.mark.parametrize("prompt, kwargs, says", [
+    ("Count:", {"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1"),
+    ("Count:", {"max_new_tokens": "3"}, "max_new_tokens must be an integer >= 1"),
+    ("Count:", {"max_new_tokens": True}, "max_new_tokens must be an integer >= 1"),
+    (None, {}, "the prompt must be text or a list of chat messages"),
+    (5, {}, "the prompt must be text or a list of chat messages"),
+    ([{"role": "user", "content": "Hi"}], {"chat_template_kwargs": 5}, "chat_template_kwargs must be a dict"),
+    ("Count:", {"prompt_lookup": "yes"}, "prompt_lookup must be True, False or None"),
+    ("Count:", {"tool_choice": "required"}, "tool_choice 'required' needs tools"),
+    ("Count:", {"stop": b"x"}, "stop must be a non-empty string"),
+])
+def test_arguments_of_the_wrong_kind_are_refused_in_one_line_before_any_work(model, prompt, kwargs, says):
+    model.generate("Count:", max_new_tokens=2)
+    cached = list(model._cached_ids)
+    with pytest.raises(InputError, match=says) as refused:
+        model.stream(prompt, **kwargs)
+    assert "\n" not in str(refused.value)
+    assert model._cached_ids == cached  # nothing ran
+
+
 @pytest.mark.parametrize("prompt", ["", "\x16", "\x16\x16"])
 def test_a_prompt_with_no_tokens_is_refused_before_any_work(model, prompt):
     """Found by the MQTT fuzz test: "\x16" tokenizes to nothing, and the refusal came mid-stream."""

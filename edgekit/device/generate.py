@@ -367,10 +367,14 @@ class Model:
 
         Raises ValueError for a prompt or message that is not valid Unicode text (a lone surrogate).
         """
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise InputError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
         if isinstance(prompt, str):
             if tools:
                 raise chat_format.ChatFormatError("tools go with a chat conversation, not a plain prompt")
             return self.tokenizer.encode(_valid_text(prompt)).ids
+        if not isinstance(prompt, (list, tuple)):
+            raise InputError(f"the prompt must be text or a list of chat messages, got {type(prompt).__name__}")
         if self.manifest.chat is None:
             raise chat_format.ChatFormatError("this bundle's model has no chat template; pass a plain prompt "
                                               "(or export it with --chat-template)")
@@ -435,14 +439,16 @@ class Model:
         `completion.logprobs` (tokens a grammar forced have none: the model did not choose them).
         """
         spec = Spec.of(json_schema, regex, grammar)
+        if tools is None and tool_choice != "auto":
+            raise InputError(f"tool_choice {tool_choice!r} needs tools")
         if tools is not None:
             tools = tool_calls.check_tools(tools)
             if spec is not None:
                 raise ConstraintError("tools and a json_schema, regex or grammar do not combine: a call is "
                                       "constrained to its tool's parameters")
             spec = tool_calls.constraint_for(tools, tool_choice)
-        stop = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
-        if not all(isinstance(s, str) and s for s in stop):  # "" would cut every answer at its start
+        stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) and s for s in stops):  # "" would cut every answer at its start
             raise InputError(f"stop must be a non-empty string or a list of them, got {stop!r}")
         gen = self.manifest.generation
         # Any: an int (top_k) among floats, each checked by SamplingConfig as a caller gave it
@@ -455,8 +461,10 @@ class Model:
                                          or not 0 <= top_logprobs <= 20):
             raise InputError(f"top_logprobs must be an integer from 0 to 20, got {top_logprobs!r}")
         max_new = gen.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if max_new < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new}")
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new!r}")
+        if prompt_lookup is not None and not isinstance(prompt_lookup, bool):
+            raise InputError(f"prompt_lookup must be True, False or None, got {prompt_lookup!r}")
         constraint = None if spec is None else Constraint(self.guide_tokenizer, compile_grammar(
             spec, self.guide_tokenizer), self.manifest.architecture.vocab_size)
         stats = Stats()
@@ -467,7 +475,7 @@ class Model:
         if prompt_lookup is None:
             prompt_lookup = self.exact_multi_token_runs
         lookup = prompt_lookup and plain_greedy(cfg) and constraint is None and top_logprobs is None
-        return Stream(lambda s: self._generate(ids, cfg, max_new, stop, stats, s, constraint, tools is not None,
+        return Stream(lambda s: self._generate(ids, cfg, max_new, stops, stats, s, constraint, tools is not None,
                                                top_logprobs, lookup))
 
     @functools.cached_property
