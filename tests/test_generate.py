@@ -137,6 +137,8 @@ def test_no_stop_string_is_none_and_an_empty_or_non_string_one_is_refused(model)
     ("Count:", {"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1"),
     ("Count:", {"max_new_tokens": "3"}, "max_new_tokens must be an integer >= 1"),
     ("Count:", {"max_new_tokens": True}, "max_new_tokens must be an integer >= 1"),
+    ("Count:", {"max_new_tokens": -10**5000}, "max_new_tokens must be an integer >= 1, got an integer of"),
+    ("Count:", {"top_logprobs": 10**5000}, "top_logprobs must be an integer from 0 to 20, got an integer of"),
     (None, {}, "the prompt must be text or a list of chat messages"),
     (5, {}, "the prompt must be text or a list of chat messages"),
     ([{"role": "user", "content": "Hi"}], {"chat_template_kwargs": 5}, "chat_template_kwargs must be a dict"),

@@ -34,7 +34,7 @@ from edgekit.device import tools as tool_calls
 from edgekit.device.bundle import BundleError, Manifest, bundle_hash, check_graph, read_manifest
 from edgekit.device.constrain import Constraint, ConstraintError, Spec, compile_grammar
 from edgekit.device.lookup import Drafter
-from edgekit.device.sampling import SamplingConfig, plain_greedy, sample
+from edgekit.device.sampling import SamplingConfig, plain_greedy, sample, show_value
 from edgekit.device.sampling import top_logprobs as top_logprobs_of
 from edgekit.device.session import create_session, release_load_memory
 from edgekit.device.threads import ThreadChooser
@@ -184,9 +184,10 @@ class Model:
         profile_prefix: str | Path | None = None,
     ):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
-            raise InputError(f"threads must be a whole number >= 0 (0: onnxruntime's choice), got {threads!r}")
+            raise InputError("threads must be a whole number >= 0 (0: onnxruntime's choice), "
+                             f"got {show_value(threads)}")
         if context_length is not None and (not isinstance(context_length, int) or context_length < 2):
-            raise InputError(f"context_length must be a whole number >= 2, got {context_length!r}")
+            raise InputError(f"context_length must be a whole number >= 2, got {show_value(context_length)}")
         # Without a thread count, the cores other processes leave free while this one runs
         # (device/threads.py): measured first while the bundle is verified, then during the runs.
         self._chooser = ThreadChooser() if threads is None and profile_prefix is None else None
@@ -449,7 +450,7 @@ class Model:
             spec = tool_calls.constraint_for(tools, tool_choice)
         stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
         if not all(isinstance(s, str) and s for s in stops):  # "" would cut every answer at its start
-            raise InputError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+            raise InputError(f"stop must be a non-empty string or a list of them, got {show_value(stop)}")
         gen = self.manifest.generation
         # Any: an int (top_k) among floats, each checked by SamplingConfig as a caller gave it
         given: dict[str, Any] = {
@@ -459,12 +460,12 @@ class Model:
             k: v if v is not None else getattr(gen, k) for k, v in given.items() if v is not None or hasattr(gen, k)})
         if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int)
                                          or not 0 <= top_logprobs <= 20):
-            raise InputError(f"top_logprobs must be an integer from 0 to 20, got {top_logprobs!r}")
+            raise InputError(f"top_logprobs must be an integer from 0 to 20, got {show_value(top_logprobs)}")
         max_new = gen.max_new_tokens if max_new_tokens is None else max_new_tokens
         if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new!r}")
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {show_value(max_new)}")
         if prompt_lookup is not None and not isinstance(prompt_lookup, bool):
-            raise InputError(f"prompt_lookup must be True, False or None, got {prompt_lookup!r}")
+            raise InputError(f"prompt_lookup must be True, False or None, got {show_value(prompt_lookup)}")
         constraint = None if spec is None else Constraint(self.guide_tokenizer, compile_grammar(
             spec, self.guide_tokenizer), self.manifest.architecture.vocab_size)
         stats = Stats()

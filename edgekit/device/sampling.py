@@ -98,11 +98,12 @@ def _integer(name: str, value) -> int:
 
 
 def _refuse(name: str, value) -> NoReturn:
-    raise InputError(f"{name} must be {ALLOWED[name]}, got {_show(value)}")
+    raise InputError(f"{name} must be {ALLOWED[name]}, got {show_value(value)}")
 
 
-def _show(value) -> str:
-    """A short rendering of a refused value (a huge int has no cheap repr)."""
+def show_value(value) -> str:
+    """A short rendering of a refused value for an error line (a huge int has no cheap repr: Python
+    refuses to print one of over 4300 digits)."""
     if isinstance(value, Integral) and not isinstance(value, bool) and abs(int(value)) >= 10**30:
         return f"an integer of {int(value).bit_length()} bits"
     text = repr(value)
