@@ -9,6 +9,7 @@ import pytest
 
 from edgekit.device import BundleError, Model, read_manifest
 from edgekit.device.bundle import FORMAT_VERSION, MANIFEST, Manifest
+from edgekit.errors import InputError
 
 
 def test_bundle_holds_the_files_the_design_names(tiny_bundle):
@@ -114,6 +115,12 @@ def _bad_tokenizer(b):
     (b / "tokenizer.json").write_text('{"version": "1.0", "model": 3}')
 
 
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def _layers(b, n):
     raw = json.loads((b / MANIFEST).read_text())
     raw["architecture"]["num_layers"] = n
@@ -155,7 +162,32 @@ DAMAGE = {  # damage -> what the one line must say
     "the graph section a list": (lambda b: _section(b, "graph", []), "graph must be an object"),
     "a file outside the bundle": (lambda b: _manifest(b, (b / MANIFEST).read_text().replace(
         '"tokenizer.json"', '"../tokenizer.json"')), "not a file of the bundle folder"),
+    "no file listed, the weights altered": (lambda b: (_section(b, "files", {}), _flip_byte(b / "model.onnx.data")),
+                                            "has no sha256 for model.onnx,"),
+    "the weights not listed": (lambda b: _section(b, "files", {n: h for n, h in json.loads(
+        (b / MANIFEST).read_text())["files"].items() if n != "model.onnx.data"}), "no sha256 for model.onnx.data"),
+    "a chat template outside the bundle": (lambda b: _field(b, "chat", "template", "/etc/hostname"),
+                                           'chat.template must name a file of the bundle folder, got "/etc/hostname"'),
+    "a chat template not UTF-8": (lambda b: (b / "chat_template.jinja").write_bytes(b"\xff{{ x }}"),
+                                  "chat_template.jinja: not a readable chat template"),
+    "special tokens as a list": (lambda b: _field(b, "chat", "special_tokens", ["<s>"]),
+                                 "chat.special_tokens must map names to strings"),
+    "no new tokens by default": (lambda b: _field(b, "generation", "max_new_tokens", 0),
+                                 "generation.max_new_tokens must be at least 1, got 0"),
+    "format version 0": (lambda b: _section(b, "format_version", 0), "no format_version of 1 or more"),
+    "an integer of 5000 digits": (lambda b: _manifest(b, (b / MANIFEST).read_text().replace(
+        '"format_version": 1', '"format_version": 1' + "0" * 5000)), "manifest is not valid JSON"),
 }
+
+
+def test_a_context_no_memory_holds_is_refused_in_one_line(tiny_bundle, tmp_path):
+    from test_cli import assert_one_line_error, edgekit
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
+    _field(bundle, "architecture", "context_length", 10**13)  # petabytes of KV cache: beyond any address space
+    with pytest.raises(InputError, match="pass a smaller context_length"):
+        Model(bundle, verify=False)
+    assert_one_line_error(edgekit("info", bundle), "the KV cache for a context of 10000000000000 tokens needs")
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -165,7 +197,8 @@ def test_a_damaged_bundle_is_refused_in_one_line_naming_the_file(damage, tiny_bu
     bundle = shutil.copytree(tiny_bundle, tmp_path / "b")
     hurt, says = DAMAGE[damage]
     hurt(bundle)
-    if damage in ("random model.onnx", "truncated model.onnx.data", "invalid tokenizer.json"):
+    if damage in ("random model.onnx", "truncated model.onnx.data", "invalid tokenizer.json",
+                  "a chat template not UTF-8"):
         rehash(bundle)  # the files changed and their hashes were rewritten to match
     with pytest.raises(BundleError, match=says.replace("(", r"\(").replace(")", r"\)")):
         Model(bundle)

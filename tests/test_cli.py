@@ -137,3 +137,10 @@ def test_a_path_edgekit_cannot_read_or_write_is_one_line(argv, says, tiny_bundle
     paths = {"bundle": tiny_bundle, "file": tmp_path / "file", "dir": tmp_path / "dir", "broken": tmp_path / "broken"}
     r = edgekit(*(a.format(**paths) for a in argv))
     assert_one_line_error(r, says.format(**paths))
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tiny_bundle):
+    """`edgekit info B | head -1`: the closed pipe is the reader's choice, not an error with a traceback."""
+    r = subprocess.run(f"{sys.executable} -m edgekit info {tiny_bundle} | head -c 1", shell=True,
+                       capture_output=True, text=True, timeout=120)
+    assert len(r.stdout) == 1 and r.stderr == ""

@@ -94,12 +94,32 @@ def test_a_cut_off_answer_is_reported_incomplete_never_as_valid(model):
     (dict(grammar="start: undefined_rule"), "undefined_rule"),
     (dict(json_schema=ARM, regex="a"), "at most one of json_schema, regex and grammar"),
     (dict(json_schema={"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}), "nowhere"),
+    (dict(json_schema='{"maxLength": ' + "9" * 5000 + "}"), "not valid JSON"),  # Python's 4300-digit limit
+    (dict(regex="a\udcff"), "regex is not valid Unicode text"),  # invalid UTF-8 from argv
+    (dict(grammar='start: "\udcff"'), "grammar is not valid Unicode text"),
+    (dict(regex="[^\\x00-\\U0010ffff]"), "no text satisfies this constraint"),  # was "" and valid
+    (dict(grammar="start: a\na: a"), "no text satisfies this constraint"),
 ])
 def test_a_schema_that_cannot_be_used_is_one_error_before_any_generation(kwargs, says, model):
     cached = list(model._cached_ids)
     with pytest.raises(ConstraintError, match=re.escape(says)):
         model.stream("The robot", **kwargs)
     assert model._cached_ids == cached  # nothing ran
+
+
+@pytest.mark.parametrize("kind", ["regex", "json const", "grammar", "in the middle"])
+def test_a_constraint_that_spells_a_special_token_is_refused_before_any_generation(kind, model):
+    """A special token is not text: llguidance forced it (from the text's tokenization), then refused it."""
+    special = [t.content for t in model.tokenizer.get_added_tokens_decoder().values() if t.special]
+    assert len(special) >= 3
+    for token in special:
+        spec = {"regex": dict(regex=re.escape(token)), "json const": dict(json_schema={"const": token}),
+                "grammar": dict(grammar=f"start: {json.dumps(token)}"),
+                "in the middle": dict(regex="go " + re.escape(token) + " now")}[kind]
+        cached = list(model._cached_ids)
+        with pytest.raises(ConstraintError, match=re.escape(f"spells the special token {token!r}")):
+            model.stream("The robot", **spec)
+        assert model._cached_ids == cached
 
 
 def test_hostile_schemas_compile_or_are_refused_quickly(model):

@@ -145,6 +145,12 @@ def test_no_stop_string_is_none_and_an_empty_or_non_string_one_is_refused(model)
     ("Count:", {"prompt_lookup": "yes"}, "prompt_lookup must be True, False or None"),
     ("Count:", {"tool_choice": "required"}, "tool_choice 'required' needs tools"),
     ("Count:", {"stop": b"x"}, "stop must be a non-empty string"),
+    ("Count:", {"stop": ["ok", "\udcff"]}, "stop must be a non-empty string of valid text"),  # as MQTT refuses
+    ("Count:", {"logit_bias": {49152: 1.0}}, "logit_bias names token 49152; this model's vocabulary has 49152"),
+    ("Count:", {"logit_bias": {2**64: 1.0}}, "logit_bias names token 18446744073709551616"),  # no OverflowError
+    ([{"role": "user", "content": "Hi"}], {"chat_template_kwargs": {"messages": []}},
+     "chat_template_kwargs names template variables"),  # render's own argument: was a TypeError
+    ([{"role": "user", "content": "Hi"}], {"chat_template_kwargs": {1: 2}}, "chat_template_kwargs names template"),
 ])
 def test_arguments_of_the_wrong_kind_are_refused_in_one_line_before_any_work(model, prompt, kwargs, says):
     model.generate("Count:", max_new_tokens=2)

@@ -42,6 +42,8 @@ def test_response_formats_regex_and_tools_are_answered_within_their_constraint(b
      proto.SCHEMA, "Invalid type"),
     (dict(regex="[a-z"), proto.SCHEMA, "unclosed character class"),
     (dict(tools=[{"type": "function"}]), proto.SCHEMA, "tools[0] must be"),
+    (dict(regex="<\\|im_end\\|>"), proto.SCHEMA, "spells the special token '<|im_end|>'"),  # was "internal"
+    (dict(grammar="start: a\na: a"), proto.SCHEMA, "no text satisfies this constraint"),  # was "" called valid
 ])
 def test_a_schema_the_device_cannot_compile_is_answered_invalid_schema(settings, code, says, broker,  # noqa: F811
                                                                        serve):  # noqa: F811

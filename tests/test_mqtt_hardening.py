@@ -95,6 +95,8 @@ MALFORMED = {
     "infinite deadline": b'{"v": 1, "prompt": "hi", "deadline": -Infinity}',
     "overflowing penalty": b'{"v": 1, "prompt": "hi", "repetition_penalty": 1e999}',
     "empty role": b'{"v": 1, "messages": [{"role": "", "content": "hi"}]}',
+    "a token id past the vocabulary": b'{"v": 1, "prompt": "hi", "logit_bias": {"99999": 5}}',
+    "a superscript digit as a token id": '{"v": 1, "prompt": "hi", "logit_bias": {"²": 5}}'.encode(),
 }
 
 

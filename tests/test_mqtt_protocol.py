@@ -66,6 +66,8 @@ def test_a_request_round_trips_through_its_json():
     ({"v": 1, "prompt": "hi", "max_new_tokens": 4.0}, proto.INVALID, '"max_new_tokens" must be an integer'),
     (b'{"v": 1, "prompt": "hi", "top_p": Infinity}', proto.INVALID, "finite"),
     ({"v": 1, "messages": [{"role": "", "content": "hi"}]}, proto.INVALID, '"messages"[0] must be'),
+    ({"v": 1, "prompt": "hi", "logit_bias": {"²": 1}}, proto.INVALID, '"logit_bias" keys must be token ids'),
+    ({"v": 1, "prompt": "hi", "logit_bias": {"١٢": 1}}, proto.INVALID, '"logit_bias" keys must be token ids'),
 ])
 def test_a_malformed_request_is_refused_with_a_code_and_a_reason(payload, code, says):
     with pytest.raises(proto.ProtocolError) as e:

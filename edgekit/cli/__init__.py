@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 import edgekit
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `edgekit info B | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 0
     except Exception as e:  # user-facing errors are one line (with -v, the traceback); bugs keep their traceback
         if isinstance(e, EdgekitError) and not args.verbose:
             print(f"edgekit {args.command}: error: {e}", file=sys.stderr)

@@ -179,7 +179,36 @@ class Manifest:
                              f"({arch.num_kv_heads})")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in m.files.items()):
             raise ValueError("files must map file names to sha256 strings")
+        if m.generation.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be at least 1, got {m.generation.max_new_tokens}")
+        if m.chat is not None:
+            _check_chat(m.chat)
+        if m.prefix is not None and not is_plain_name(m.prefix.file):
+            raise ValueError(f"prefix.file must name a file of the bundle folder, got {json.dumps(m.prefix.file)[:60]}")
         return m
+
+    def read_files(self) -> list[str]:
+        """The files of the bundle the runtime reads, each of which must have its sha256 in `files`."""
+        template = (self.chat or {}).get("template")
+        return ["model.onnx", "tokenizer.json", *([template] if template else []),
+                *([self.prefix.file] if self.prefix else [])]
+
+
+def is_plain_name(name: Any) -> bool:
+    """`name` is the name of a file in the bundle folder itself (no path: not '../x' or '/etc/x')."""
+    return isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
+
+
+def _check_chat(chat: dict) -> None:
+    """The chat section: a template file of the bundle (or edgekit 0.1's tables), and special tokens
+    the template refers to; ValueError naming what is wrong."""
+    if "template" in chat and not is_plain_name(chat["template"]):
+        raise ValueError("chat.template must name a file of the bundle folder, got "
+                         f"{json.dumps(chat['template'])[:60]}")
+    for table in ("special_tokens", "start", "joint", "generation", "end"):  # name -> text
+        value = chat.get(table, {})
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ValueError(f"chat.{table} must map names to strings, got {json.dumps(value)[:60]}")
 
 
 _SECTIONS = {"architecture": Architecture, "quantization": Quantization, "target": TargetInfo, "graph": GraphInfo,
@@ -302,13 +331,13 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
         raw = json.loads(path.read_text())
     except OSError as e:
         raise BundleError(f"{path}: cannot read it ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: not JSON, not UTF-8, an integer of > 4300 digits
         raise BundleError(f"{path}: manifest is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(raw, dict):
         raise BundleError(f"{path}: the manifest is not a JSON object; the bundle is damaged: export it again")
     version = raw.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise BundleError(f"{path}: manifest has no integer format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"{path}: manifest has no format_version of 1 or more")
     if version > FORMAT_VERSION:
         raise BundleError(
             f"{folder}: bundle format {version} is newer than this runtime reads ({FORMAT_VERSION}); "
@@ -324,9 +353,17 @@ def read_manifest(folder: str | Path, verify: bool = True) -> Manifest:
 
 
 def verify_files(folder: Path, manifest: Manifest) -> None:
-    for name, digest in manifest.files.items():
-        if Path(name).name != name or name in (".", ".."):
+    """Every file the manifest lists matches its sha256, and every file the runtime reads is listed."""
+    for name in manifest.files:
+        if not is_plain_name(name):
             raise BundleError(f"{folder}: {MANIFEST} lists {name!r}, which is not a file of the bundle folder")
+    unlisted = [n for n in manifest.read_files() if n not in manifest.files]
+    if (folder / "model.onnx.data").exists() and "model.onnx.data" not in manifest.files:
+        unlisted.append("model.onnx.data")
+    if unlisted:
+        raise BundleError(f"{folder}: {MANIFEST} has no sha256 for {unlisted[0]}, which the runtime reads; the "
+                          "manifest was altered or damaged: copy or export the bundle again")
+    for name, digest in manifest.files.items():
         p = folder / name
         if not p.is_file():
             raise BundleError(f"{folder}: file {name} is missing (listed in {MANIFEST})")

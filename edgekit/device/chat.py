@@ -39,6 +39,17 @@ def render(chat: dict, messages: Sequence[dict], add_generation_prompt: bool = T
     return _render_pieces(chat, messages, add_generation_prompt)
 
 
+RENDER_INPUTS = ("chat", "messages", "add_generation_prompt", "template", "tools", "documents")  # render's own
+
+
+def check_variables(variables: dict) -> None:
+    """Template variables (Qwen3's enable_thinking) are named by strings other than what render() passes."""
+    bad = next((k for k in variables if not isinstance(k, str) or k in RENDER_INPUTS), None)
+    if bad is not None:
+        raise ChatFormatError(f"chat_template_kwargs names template variables (strings), and not "
+                              f"{', '.join(RENDER_INPUTS)}; got {bad!r:.60}")
+
+
 def check_messages(messages: Sequence[dict]) -> None:
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
         raise ChatFormatError("a conversation is a non-empty list of messages")

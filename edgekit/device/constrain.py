@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.device.sampling import is_unicode
 from edgekit.errors import InputError
 
 MAX_GRAMMAR_BYTES = 1 << 20  # a schema or grammar larger than this is refused before compiling
@@ -49,6 +50,9 @@ class Spec:
             raise ConstraintError(f"{given[0]} must be a string")
         if json_schema is not None and not isinstance(json_schema, (dict, str, bool)):
             raise ConstraintError("json_schema must be a JSON object (a dict) or its JSON text")
+        text = next(v for v in (json_schema, regex, grammar) if v is not None)
+        if isinstance(text, str) and not is_unicode(text):  # llguidance takes UTF-8: a lone surrogate has none
+            raise ConstraintError(f"{given[0]} is not valid Unicode text (it holds a lone surrogate)")
         return Spec(json_schema, regex, grammar)
 
     def describe(self) -> str:
@@ -68,7 +72,7 @@ def compile_grammar(spec: Spec, tokenizer) -> str:
                 raise ConstraintError(f"the JSON schema is larger than {MAX_GRAMMAR_BYTES} bytes")
             try:
                 schema = json.loads(schema)
-            except (json.JSONDecodeError, RecursionError) as e:
+            except (ValueError, RecursionError) as e:  # ValueError: not JSON, or an integer of > 4300 digits
                 raise ConstraintError(f"the JSON schema is not valid JSON ({str(e)[:200]})") from None
         if not isinstance(schema, (dict, bool)):
             raise ConstraintError("a JSON schema must be a JSON object")
@@ -99,46 +103,85 @@ def compile_grammar(spec: Spec, tokenizer) -> str:
 class Constraint:
     """One generation's grammar state: which tokens may come next, and which are forced."""
 
-    def __init__(self, tokenizer, grammar: str, vocab_size: int):
+    def __init__(self, tokenizer, grammar: str):
         from llguidance import LLMatcher
         from llguidance.numpy import allocate_token_bitmask
 
+        self.tokenizer = tokenizer
         self.matcher = LLMatcher(tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
-            raise ConstraintError(f"the grammar cannot start: {self.matcher.get_error()[:300]}")
-        self.vocab_size = vocab_size
+            raise ConstraintError(f"the grammar cannot start: {_why(self.matcher)}")
         self.bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
+        # validate_grammar passes a grammar no text satisfies ('start: a\na: a', a regex of an empty
+        # class) and forced text that spells a special token: found here, on a copy, before any generation
+        probe = self.matcher.deep_copy()
+        forced = probe.compute_ff_tokens()
+        taken = probe.try_consume_tokens(forced) if forced else 0
+        if taken < len(forced) and tokenizer.is_special_token(forced[taken]):
+            raise self._spells_special(forced[taken])
+        self._allowed(probe)
 
-    def forced(self) -> list[int]:
-        """The tokens the grammar fixes from here (possibly none)."""
-        return self.matcher.compute_ff_tokens()
+    def force(self) -> list[int]:
+        """Consume and return the tokens the grammar fixes from here (possibly none).
+
+        llguidance finds them by tokenizing the forced text, which turns text that spells a
+        special token ('<|im_end|>' in a regex) into that token, which the grammar then refuses:
+        only the prefix it takes is forced."""
+        forced = self.matcher.compute_ff_tokens()
+        return forced[:self.matcher.try_consume_tokens(forced)] if forced else []
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """`logits` (vocab,) with every token the grammar does not allow set to -inf, in place."""
-        from llguidance.numpy import fill_next_token_bitmask
-
-        fill_next_token_bitmask(self.matcher, self.bitmask, 0)
-        n = min(len(logits), self.bitmask.shape[1] * 32)
-        allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[:n].astype(bool)
-        logits[:n][~allowed] = -np.inf
+        allowed = self._allowed(self.matcher)
+        n = min(len(logits), len(allowed))
+        logits[:n][~allowed[:n]] = -np.inf
         logits[n:] = -np.inf  # rows past the tokenizer's vocabulary (padding) are never text
         return logits
 
+    def _allowed(self, matcher) -> np.ndarray:
+        """(tokenizer vocab,) bool: the tokens `matcher` takes next; ConstraintError when there is none."""
+        from llguidance.numpy import fill_next_token_bitmask
+
+        fill_next_token_bitmask(matcher, self.bitmask, 0)
+        if matcher.is_error():  # no token may follow: the grammar's language is empty (from here)
+            raise ConstraintError(f"no text satisfies this constraint: {_why(matcher)}")
+        allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[:self.tokenizer.vocab_size] \
+            .astype(bool)
+        ids = np.flatnonzero(allowed)
+        if len(ids) <= 8:  # text the grammar forces: the mask holds the token that spells it, a special one too
+            done = matcher.is_accepting()  # then EOS ends the text (validate_tokens takes no EOS once stopped)
+            refused = [int(i) for i in ids
+                       if not (done and int(i) in self.tokenizer.eos_tokens) and not matcher.validate_tokens([int(i)])]
+            allowed[refused] = False
+            if not allowed.any():
+                raise self._spells_special(refused[0])
+        return allowed
+
+    def _spells_special(self, token: int) -> ConstraintError:
+        name = self.tokenizer.decode_bytes([token]).decode("utf-8", "replace")
+        return ConstraintError(f"the constraint spells the special token {name!r} as text, which no text can "
+                               "be: take it out of the schema, regex or grammar")
+
     def consume(self, tokens: list[int]) -> None:
         if not self.matcher.consume_tokens(tokens):
-            raise ConstraintError(f"the grammar refused a token it allowed: {self.matcher.get_error()[:300]}")
+            raise ConstraintError(f"the grammar refused a token it allowed: {_why(self.matcher)}")
 
     def rollback(self, n: int) -> None:
         """Forget the last `n` tokens consumed: forced tokens that a limit kept out of the output."""
         if n and not self.matcher.rollback(n):
-            raise ConstraintError(f"the grammar cannot take back {n} tokens: {self.matcher.get_error()[:300]}")
+            raise ConstraintError(f"the grammar cannot take back {n} tokens: {_why(self.matcher)}")
 
     @property
     def finished(self) -> bool:
         """The output is complete: nothing but EOS may follow."""
-        return self.matcher.is_stopped()
+        return self.matcher.is_stopped() and not self.matcher.is_error()
 
     @property
     def accepting(self) -> bool:
         """What was generated so far is a whole sentence of the grammar."""
         return self.matcher.is_accepting()
+
+
+def _why(matcher) -> str:
+    """llguidance's error on one line, without the parser state it dumps after it."""
+    return " ".join(matcher.get_error().split("<state>")[0].split())[:300]

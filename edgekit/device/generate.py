@@ -34,7 +34,7 @@ from edgekit.device import tools as tool_calls
 from edgekit.device.bundle import BundleError, Manifest, bundle_hash, check_graph, read_manifest
 from edgekit.device.constrain import Constraint, ConstraintError, Spec, compile_grammar
 from edgekit.device.lookup import Drafter
-from edgekit.device.sampling import SamplingConfig, plain_greedy, sample, show_value
+from edgekit.device.sampling import SamplingConfig, is_unicode, plain_greedy, sample, show_value
 from edgekit.device.sampling import top_logprobs as top_logprobs_of
 from edgekit.device.session import create_session, release_load_memory
 from edgekit.device.threads import ThreadChooser
@@ -212,14 +212,18 @@ class Model:
         except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
             raise BundleError(f"{self.path / 'tokenizer.json'}: not a tokenizers file ({str(e)[:200]}); "
                               "the bundle is damaged: copy or export it again") from None
-        chat = self.manifest.chat or {}
-        self.chat_template = (self.path / chat["template"]).read_text(encoding="utf-8") if "template" in chat else None
+        self.chat_template = self._read_chat_template()
         self.eos_token_ids = set(self.manifest.generation.eos_token_ids)
 
         # The KV cache: allocated once at the context length, in numpy buffers (so a baked-in prefix
         # can be written in) whose pages exist once written; the graph's flavour decides how a run
         # reads and writes it (device/kv_cache.py).
-        buffers = kv_cache.buffers_for(arch.num_layers, arch.num_kv_heads, self.context_length, arch.head_size)
+        try:
+            buffers = kv_cache.buffers_for(arch.num_layers, arch.num_kv_heads, self.context_length, arch.head_size)
+        except (OSError, MemoryError, OverflowError) as e:
+            need = 8 * arch.num_layers * arch.num_kv_heads * self.context_length * arch.head_size / 2**30
+            raise InputError(f"the KV cache for a context of {self.context_length} tokens needs {need:.3g} GiB, "
+                             f"which this device cannot map ({e}); pass a smaller context_length") from None
         self._kv = kv_cache.for_graph(self.manifest.graph.flavour, self.session, buffers, arch.vocab_size)
         self.prefix_length = self._load_prefix()
         self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
@@ -245,6 +249,17 @@ class Model:
         self._kv = kv_cache.for_graph(self.manifest.graph.flavour, self.session, buffers,
                                       self.manifest.architecture.vocab_size)
         release_load_memory(self.path / "model.onnx.data")
+
+    def _read_chat_template(self) -> str | None:
+        """The bundle's chat template (Jinja text), or None when the model has none."""
+        name = (self.manifest.chat or {}).get("template")
+        if name is None:
+            return None
+        try:
+            return (self.path / name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BundleError(f"{self.path / name}: not a readable chat template ({str(e)[:200]}); "
+                              "the bundle is damaged: copy or export it again") from None
 
     def _load_prefix(self) -> int:
         """Write a prefix-tuning adapter's keys and values into cache positions [0, P); returns P.
@@ -370,6 +385,7 @@ class Model:
         """
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
             raise InputError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
+        chat_format.check_variables(chat_template_kwargs or {})
         if isinstance(prompt, str):
             if tools:
                 raise chat_format.ChatFormatError("tools go with a chat conversation, not a plain prompt")
@@ -449,8 +465,8 @@ class Model:
                                       "constrained to its tool's parameters")
             spec = tool_calls.constraint_for(tools, tool_choice)
         stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
-        if not all(isinstance(s, str) and s for s in stops):  # "" would cut every answer at its start
-            raise InputError(f"stop must be a non-empty string or a list of them, got {show_value(stop)}")
+        if not all(isinstance(s, str) and s and is_unicode(s) for s in stops):  # "" would cut every answer at once
+            raise InputError(f"stop must be a non-empty string of valid text or a list of them, got {show_value(stop)}")
         gen = self.manifest.generation
         # Any: an int (top_k) among floats, each checked by SamplingConfig as a caller gave it
         given: dict[str, Any] = {
@@ -458,6 +474,10 @@ class Model:
             "min_p": min_p, "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty}
         cfg = SamplingConfig(seed=seed, logit_bias=logit_bias, **{  # settings not given take the bundle's defaults
             k: v if v is not None else getattr(gen, k) for k, v in given.items() if v is not None or hasattr(gen, k)})
+        vocab = self.manifest.architecture.vocab_size
+        if cfg.logit_bias and max(cfg.logit_bias) >= vocab:
+            raise InputError(f"logit_bias names token {show_value(max(cfg.logit_bias))}; "
+                             f"this model's vocabulary has {vocab} (ids 0 to {vocab - 1})")
         if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int)
                                          or not 0 <= top_logprobs <= 20):
             raise InputError(f"top_logprobs must be an integer from 0 to 20, got {show_value(top_logprobs)}")
@@ -467,7 +487,7 @@ class Model:
         if prompt_lookup is not None and not isinstance(prompt_lookup, bool):
             raise InputError(f"prompt_lookup must be True, False or None, got {show_value(prompt_lookup)}")
         constraint = None if spec is None else Constraint(self.guide_tokenizer, compile_grammar(
-            spec, self.guide_tokenizer), self.manifest.architecture.vocab_size)
+            spec, self.guide_tokenizer))
         stats = Stats()
         t0 = time.perf_counter()
         ids = self.encode(prompt, tools, chat_template_kwargs)
@@ -523,9 +543,7 @@ class Model:
         detok = Detokenizer(self.tokenizer)
         feed: list[int] = []
         if constraint:
-            feed = constraint.forced()  # the grammar may fix the first tokens
-            if feed:
-                constraint.consume(feed)
+            feed = constraint.force()  # the grammar may fix the first tokens
         drafter = Drafter(ids) if lookup else None
         in_cache = False  # feed's keys and values are already cached: a draft the model agreed with
         while True:
@@ -550,10 +568,7 @@ class Model:
                 feed = [token]
                 if constraint:
                     constraint.consume(feed)
-                    forced = constraint.forced()
-                    if forced:
-                        constraint.consume(forced)
-                        feed += forced
+                    feed += constraint.force()
             left = max_new - len(out)
             if constraint and len(feed) > left:  # forced tokens past max_new_tokens: the grammar forgets them too
                 constraint.rollback(len(feed) - left)

@@ -110,6 +110,16 @@ def show_value(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def is_unicode(text: str) -> bool:
+    """False for a str holding lone surrogates (what Python makes of invalid UTF-8 in argv, and of a
+    JSON "\\udcxx" escape): no tokenizer, grammar or MQTT message can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
     """CTRL's penalty as transformers applies it: shrink the logits of tokens already seen."""
     if penalty == 1.0 or seen.size == 0:
@@ -129,9 +139,7 @@ def adjust(logits: np.ndarray, cfg: SamplingConfig, seen: np.ndarray, generated:
         logits = logits.copy()
         logits[ids] -= cfg.presence_penalty + cfg.frequency_penalty * counts
     if cfg.logit_bias:
-        ids = np.fromiter(cfg.logit_bias, np.int64)
-        if ids.max() >= len(logits):
-            raise InputError(f"logit_bias names token {int(ids.max())}; this model's vocabulary has {len(logits)}")
+        ids = np.fromiter(cfg.logit_bias, np.int64)  # within the vocabulary: Model.stream checked
         logits = logits.copy()
         logits[ids] += np.fromiter(cfg.logit_bias.values(), np.float32)
     return logits

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgekit.device.sampling import SamplingConfig
+from edgekit.device.sampling import SamplingConfig, is_unicode
 from edgekit.errors import InputError
 
 VERSION = 1
@@ -110,14 +110,14 @@ class Topics:
 def check_topic_name(name: str, what: str) -> None:
     """Raise ValueError when `name` cannot be one level of a topic (device id, client id, group)."""
     if not isinstance(name, str) or not name or any(c in name for c in "/+#\0") or name.startswith("$") \
-            or not _is_unicode(name):
+            or not is_unicode(name):
         raise InputError(f"{what} {name!r} must be non-empty UTF-8 text without '/', '+', '#' or a leading '$'")
 
 
 def check_topic_prefix(prefix: str, what: str) -> None:
     """Raise ValueError when `prefix` cannot lead a topic name (levels may be separated by '/')."""
     if not isinstance(prefix, str) or not prefix or prefix.startswith(("$", "/")) or prefix.endswith("/") \
-            or any(c in prefix for c in "+#\0") or not _is_unicode(prefix):
+            or any(c in prefix for c in "+#\0") or not is_unicode(prefix):
         raise InputError(f"{what} {prefix!r} must be non-empty UTF-8 text without '+', '#', a leading '$' "
                          "or a leading or trailing '/'")
 
@@ -160,15 +160,6 @@ def check_reply_prefix(reply_prefix: str, topics: Topics) -> None:
     if any(reply_prefix == t or reply_prefix.startswith(t + "/") for t in topics.protocol_topics()):
         raise InputError(f"reply prefix {reply_prefix!r} lies in the request, cancel or device topics; replies need "
                          f"a tree of their own (default {topics.reply_tree})")
-
-
-def _is_unicode(text: str) -> bool:
-    """False for a str holding lone surrogates (what Python makes of invalid UTF-8): it cannot be sent."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 # -- requests ----------------------------------------------------------------------
@@ -318,7 +309,8 @@ def request_from_dict(raw: dict) -> Request:
         raise ProtocolError(INVALID, f'"seed" must be in [0, 2**63), got {show(raw["seed"])}')
     bias = raw.get("logit_bias")
     if bias is not None:
-        if not all(isinstance(k, str) and k.isdigit() and len(k) < 12 for k in bias):
+        # ASCII digits: str.isdigit alone takes "²" (which int() refuses) and reads "١٢" as 12
+        if not all(isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 12 for k in bias):
             raise ProtocolError(INVALID, '"logit_bias" keys must be token ids written as decimal strings, e.g. '
                                          '{"1234": -100}')
         bias = {int(k): _finite('"logit_bias"', v) if isinstance(v, _NUMBER) and not isinstance(v, bool) else v
@@ -394,7 +386,7 @@ def _finite(name: str, value: float) -> float:
 
 def _check_text(name: str, text: str) -> None:
     """Refuse a text that cannot be tokenized or sent back: lone surrogates are not Unicode text."""
-    if not _is_unicode(text):
+    if not is_unicode(text):
         raise ProtocolError(INVALID, f"{name} is not valid text: it holds a lone surrogate "
                                      f"(\\u{_surrogate(text):04x}); send UTF-8 text")
 

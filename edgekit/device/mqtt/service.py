@@ -499,15 +499,18 @@ class Service:
         if r.deadline is not None:
             cutoff = min(cutoff, r.deadline)
         chunks = 0
-        for piece in stream:
-            if r.stream:
-                self._out.put(_Outgoing(key[0], proto.chunk(chunks, piece), key[1]))
-                chunks += 1
-            if stream.stop_reason is None:
-                if self._is_cancelled(key):
-                    stream.stop("cancelled")
-                elif time.time() >= cutoff:
-                    stream.stop("deadline")
+        try:
+            for piece in stream:
+                if r.stream:
+                    self._out.put(_Outgoing(key[0], proto.chunk(chunks, piece), key[1]))
+                    chunks += 1
+                if stream.stop_reason is None:
+                    if self._is_cancelled(key):
+                        stream.stop("cancelled")
+                    elif time.time() >= cutoff:
+                        stream.stop("deadline")
+        except ConstraintError as e:  # a grammar with a dead end part-way (the first step's is refused above)
+            return self._finish_error(key, proto.SCHEMA, str(e))
         self._finish_done(job, started, stream.completion, chunks)
 
     def _is_cancelled(self, key) -> bool:
