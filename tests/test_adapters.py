@@ -387,6 +387,28 @@ def _without(tmp: Path, lora_a: Path, name: str) -> Path:
     return copy
 
 
+def _edited(tmp: Path, lora_a: Path, name: str, config=None, tensors=None) -> Path:
+    """A copy of lora_a whose adapter_config.json `config` changes, and/or whose tensors `tensors` renames or drops
+    (returning None for a name drops it): adapters written by hand or by another tool."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp / name
+    shutil.copytree(lora_a, copy)
+    if config:
+        path = copy / "adapter_config.json"
+        path.write_text(json.dumps(config(json.loads(path.read_text()))))
+    if tensors:
+        state = load_file(copy / "adapter_model.safetensors")
+        save_file({tensors(k): v for k, v in state.items() if tensors(k)}, copy / "adapter_model.safetensors")
+    return copy
+
+
+def _with_list_bin(tmp: Path, lora_a: Path) -> Path:
+    copy = _without(tmp, lora_a, "adapter_model.safetensors")
+    torch.save([torch.zeros(2)], copy / "adapter_model.bin")
+    return copy
+
+
 BAD = {
     "missing folder": (lambda tmp, **k: tmp / "nowhere", "no such folder"),
     "missing weights": (lambda tmp, lora_a, **k: _without(tmp, lora_a, "adapter_model.safetensors"),
@@ -414,6 +436,30 @@ BAD = {
     "weight not a number": (lambda tmp, lora_a, **k: f"a={lora_a}:notanumber",
                             "the weight 'notanumber' after ':' is not a number"),
     "empty": (lambda tmp, **k: "", "--adapter is empty"),
+    # weights peft would not load: it only warns, and merged the base model unchanged (or LoKr's random init)
+    "tensors saved under the adapter's name": (lambda tmp, lora_a, **k: _edited(
+        tmp, lora_a, "named", tensors=lambda key: key.replace(".weight", ".default.weight")), "peft has no place for"),
+    "tensors without peft's prefix": (lambda tmp, lora_a, **k: _edited(
+        tmp, lora_a, "unprefixed", tensors=lambda key: key.removeprefix("base_model.model.")), "peft has no place for"),
+    "lora_B left out": (lambda tmp, lora_a, **k: _edited(
+        tmp, lora_a, "half", tensors=lambda key: None if "lora_B" in key else key), "lacks"),
+    "config targets other modules than the tensors": (lambda tmp, lora_a, **k: _edited(
+        tmp, lora_a, "retarget", config=lambda c: {**c, "target_modules": ["k_proj"]}), "peft has no place for"),
+    "peft_type in lower case": (lambda tmp, lora_a, **k: _edited(
+        tmp, lora_a, "lower", config=lambda c: {**c, "peft_type": "lora"}), "peft writes it in capitals ('LORA')"),
+    "target_modules not a regex": (lambda tmp, lora_a, **k: _edited(
+        tmp, lora_a, "regex", config=lambda c: {**c, "target_modules": "(q_proj"}), "is not a regular expression"),
+    "target_modules not strings": (lambda tmp, lora_a, **k: _edited(
+        tmp, lora_a, "ints", config=lambda c: {**c, "target_modules": ["q_proj", 1]}),
+        "target_modules must be module names"),
+    "a .bin of something else": (lambda tmp, lora_a, **k: _with_list_bin(tmp, lora_a), "not an adapter's weights"),
+    # peft's add_weighted_adapter drops or refuses these parts
+    "weighted with modules_to_save": (
+        lambda tmp, base, **k: f"{train(base, lora(modules_to_save=['lm_head']), tmp / 'mts', steps=1)}:0.5",
+        "modules_to_save adapters cannot be weighted or combined"),
+    "weighted with trained biases": (
+        lambda tmp, base, **k: f"{train(base, lora(bias='all'), tmp / 'bias', steps=1)}:0.5",
+        "an adapter that trained biases (bias='all') cannot be weighted"),
 }
 
 
@@ -468,6 +514,42 @@ def test_a_lora_with_bias_merges_exactly_even_where_the_base_layer_has_none(base
     bundle = export(base, tmp_path / "b", ExportOptions(adapters=[str(tmp_path / "bias_lora")]), **QUIET)
     reference = PeftModel.from_pretrained(fresh(base), tmp_path / "bias_lora").eval()
     worst, base_diff = check_against(bundle, reference, base_bundle, ids_steps)
+    assert worst < ATOL and base_diff > DIFFERS
+
+
+@pytest.mark.parametrize("kind", ["ia3", "loha", "lokr"])
+def test_an_adapter_of_any_type_on_a_tied_lm_head_changes_the_lm_head_only(kind, base, base_bundle, ids_steps,
+                                                                           tmp_path):
+    """The tiny base ties lm_head to the embedding: merged into the one tensor, the delta would reach the
+    input embedding too, which peft's model does not do (LoRA was untied; IA3, LoHa, LoKr were not)."""
+    from peft import IA3Config, LoHaConfig, LoKrConfig, PeftModel, get_peft_model
+
+    config = {"ia3": IA3Config(target_modules=["lm_head", "q_proj"], feedforward_modules=[]),
+              "loha": LoHaConfig(r=4, target_modules=["lm_head"]),
+              "lokr": LoKrConfig(r=4, target_modules=["lm_head"])}[kind]
+    config.task_type = "CAUSAL_LM"
+    torch.manual_seed(0)
+    peft_model = get_peft_model(fresh(base), config)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path / kind)
+    bundle = export(base, tmp_path / "b", ExportOptions(adapters=[str(tmp_path / kind)]), **QUIET)
+    reference = PeftModel.from_pretrained(fresh(base), tmp_path / kind).eval()
+    worst, base_diff = check_against(bundle, reference, base_bundle, ids_steps)
+    assert worst < ATOL and base_diff > DIFFERS
+
+
+def test_a_target_list_naming_several_architectures_applies_to_the_modules_this_one_has(base, base_bundle, ids_steps,
+                                                                                      tmp_path):
+    """peft adapts the listed modules that exist (one config for Llama and GPT-NeoX models, say)."""
+    from peft import PeftModel
+
+    adapter = train(base, lora(target_modules=["q_proj", "v_proj", "query_key_value"]), tmp_path / "multi", steps=2)
+    bundle = export(base, tmp_path / "b", ExportOptions(adapters=[str(adapter)]), **QUIET)
+    worst, base_diff = check_against(bundle, PeftModel.from_pretrained(fresh(base), adapter).eval(), base_bundle,
+                                     ids_steps)
     assert worst < ATOL and base_diff > DIFFERS
 
 

@@ -38,9 +38,11 @@ VARIANTS = {  # name -> (model_type, config overrides)
     "phi4-mini-partial-rotary-longrope": ("phi3", {"rope_parameters": longrope(12, 24, partial_rotary_factor=0.75),
                                                    "tie_word_embeddings": True}),
     "gemma": ("gemma", {"head_dim": 16}),
+    # Google's Gemma 2 configs carry hidden_act too; transformers reads hidden_activation
     "gemma2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 6,
-                          "attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.3}),
+                          "attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.3, "hidden_act": "silu"}),
     "gemma3": ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 6,
+                               "attn_logit_softcapping": 0.5,  # transformers' Gemma 3 ignores it
                                "layer_types": ["sliding_attention", "full_attention"],
                                "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                                    "full_attention": {"rope_type": "linear", "factor": 2.0,
@@ -69,7 +71,9 @@ VARIANTS = {  # name -> (model_type, config overrides)
     "gpt-neox-sequential": ("gpt_neox", {"use_parallel_residual": False,
                                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                              "partial_rotary_factor": 0.5}}),
-    "gptj": ("gptj", {"rotary_dim": 8, "n_inner": 128}),
+    # a head_dim in config.json that the family ignores (transformers: hidden / heads = 16) changes nothing
+    "gptj": ("gptj", {"rotary_dim": 8, "n_inner": 128, "head_dim": 32}),
+    "gptj-tied-lm-head-bias": ("gptj", {"rotary_dim": 8, "n_inner": 128, "tie_word_embeddings": True}),
     "falcon-7b-multi-query": ("falcon", {"multi_query": True, "parallel_attn": True, "bias": False,
                                          "ffn_hidden_size": 128}),
     "falcon-40b-new-architecture": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2,
@@ -78,12 +82,12 @@ VARIANTS = {  # name -> (model_type, config overrides)
                                                     "num_ln_in_parallel_attn": 1, "ffn_hidden_size": 128}),
     "falcon-rw-alibi": ("falcon", {"alibi": True, "multi_query": False, "parallel_attn": False, "bias": True,
                                    "ffn_hidden_size": 128}),
-    "bloom": ("bloom", {}),
-    "opt": ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
+    "bloom": ("bloom", {"head_dim": 32}),
+    "opt": ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 64, "head_dim": 32}),
     "opt-350m-post-norm-projected": ("opt", {"ffn_dim": 128, "do_layer_norm_before": False,
                                              "word_embed_proj_dim": 32}),
     "opt-no-affine-norms": ("opt", {"ffn_dim": 128, "layer_norm_elementwise_affine": False}),
-    "mpt": ("mpt", {"expansion_ratio": 2, "max_seq_len": 256}),
+    "mpt": ("mpt", {"expansion_ratio": 2, "max_seq_len": 256, "head_dim": 32}),
     "mpt-clip-qkv": ("mpt", {"expansion_ratio": 2, "max_seq_len": 256,
                              "attn_config": {"clip_qkv": 0.3, "softmax_scale": 0.2}}),
 }
@@ -220,19 +224,21 @@ def test_scale_groups_leave_the_layer_unchanged_before_rounding(name, tiny, smol
 
 @pytest.mark.parametrize("name", FAMILY_VARIANTS)
 def test_a_lora_on_the_familys_own_modules_merges_exactly(name, tiny, smol_tokenizer, tmp_path):
-    """A LoRA on every Linear of the family (its own module names: qkv_proj, gate_up_proj, ...),
-    merged at export, gives peft's adapted model's logits."""
+    """A LoRA with a bias on every Linear of the family (its own module names: qkv_proj, gate_up_proj,
+    OPT's project_in/out, ...), merged at export, gives peft's adapted model's logits."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from edgekit.host.families import family_class
 
     folder, _ = tiny(name)
     attention = REFERENCE_ATTENTION.get(name, "eager")
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention)
-    targets = sorted({path.rsplit(".", 1)[-1] for path in family_class(base.config).linears})
     torch.manual_seed(0)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_bias=True,
+                                                 init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n and n.endswith("bias"):
+                p.normal_(0, 0.1)  # lora_bias starts at zero
     peft_model.save_pretrained(tmp_path / "lora")
     bundle = export(folder, tmp_path / "b", ExportOptions(adapters=[str(tmp_path / "lora")]), **QUIET)
 
@@ -269,6 +275,23 @@ def test_prefix_tuning_on_a_partial_rotary_family_keeps_its_keys_in_the_graphs_h
                                            cache=prefix_cache(folder, tmp_path / "prefix")).logits[0].numpy()
     got = Model(bundle).forward(ids, 0, all_logits=True)
     assert np.abs(got - want).max() < ATOL
+
+
+def test_a_prefix_peft_sizes_unlike_the_cache_is_refused_in_one_line(smol_tokenizer, tmp_path):
+    """peft makes Falcon's prefix with a key per query head; the graph caches one per kv head."""
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # as Falcon-40B's config: num_kv_heads, and no num_key_value_heads (conftest's TINY has one, which peft reads)
+    config = AutoConfig.for_model("falcon", vocab_size=len(smol_tokenizer), hidden_size=64, num_attention_heads=4,
+                                  num_hidden_layers=2, new_decoder_architecture=True, num_kv_heads=2,
+                                  ffn_hidden_size=128)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder := tmp_path / "falcon")
+    smol_tokenizer.save_pretrained(folder)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(folder), PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3)).save_pretrained(tmp_path / "p")
+    with pytest.raises(ExportError, match="prefix for 4 heads of size 16, but its attention caches 2 of size 16"):
+        export(folder, tmp_path / "b", ExportOptions(adapters=[str(tmp_path / "p")]), **QUIET)
 
 
 def test_a_family_exports_with_the_command_line_and_generates(tiny, tmp_path):

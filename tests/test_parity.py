@@ -56,7 +56,8 @@ ARCHITECTURES = {
     "llama-rope-yarn": ("llama", {"rope_parameters": {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}}),
     "llama-rope-dynamic": ("llama", {"rope_parameters": {
-        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}),
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0,
+        "original_max_position_embeddings": 20}}),  # ignored by transformers: 15 + 16 tokens run as default rope
     "mistral": ("mistral", {"sliding_window": None}),
     "mistral-sliding-window": ("mistral", {"sliding_window": 8}),
     "qwen2": ("qwen2", {}),

@@ -45,6 +45,7 @@ COMBINATION = "cat"
 COMBINED = "combined"
 # Parameter names of adapter layers; what precedes them in a tensor name is the adapted module.
 _ADAPTER_PARTS = re.compile(r"^(lora_|hada_|lokr_|ia3_|oft_|boft_|token_adapter|modules_to_save|base_layer)")
+_DELTA_PARTS = re.compile(r"^(lora_|hada_|lokr_|ia3_)")  # what merge_and_unload adds into the adapted weight
 
 
 @dataclass
@@ -127,10 +128,15 @@ def apply_adapters(loaded: LoadedModel, specs: list[str], say: Callable[[str], N
                                   "combined (peft's add_weighted_adapter is for LoRA); merge it alone without a weight")
             # peft's add_weighted_adapter silently drops these parts of an adapter (peft issue #3761)
             for key, what in (("use_dora", "DoRA's magnitude vector"), ("lora_bias", "the LoRA bias"),
-                              ("kasa_config", "KaSA's singular values")):
+                              ("kasa_config", "KaSA's singular values"),
+                              ("modules_to_save", "the trained copies of modules_to_save")):
                 if a.config.get(key):
                     raise ExportError(f"adapter {a.spec.name}: {key} adapters cannot be weighted or combined (peft's "
                                       f"add_weighted_adapter drops {what}); merge it alone without a weight")
+            if a.config.get("bias", "none") != "none":
+                raise ExportError(f"adapter {a.spec.name}: an adapter that trained biases (bias={a.config['bias']!r}) "
+                                  "cannot be weighted or combined (peft's add_weighted_adapter refuses them); merge it "
+                                  "alone without a weight")
 
     records = {}
     if merge:
@@ -222,9 +228,12 @@ def read_adapter(spec: AdapterSpec) -> Adapter:
         raise ExportError(f"{where}: {CONFIG_FILE} is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(config, dict):
         raise ExportError(f"{where}: {CONFIG_FILE} is not a JSON object; it was not written by peft")
-    peft_type = str(config.get("peft_type") or "").upper()
-    if not peft_type:
+    peft_type = config.get("peft_type")
+    if not peft_type or not isinstance(peft_type, str):
         raise ExportError(f"{where}: {CONFIG_FILE} has no peft_type; it was not written by peft")
+    if peft_type != peft_type.upper():  # peft reads its enum's values: "LORA", never "lora"
+        raise ExportError(f"{where}: {CONFIG_FILE} has peft_type {peft_type!r}; peft writes it in capitals "
+                          f"({peft_type.upper()!r}): fix the file")
     if peft_type not in MERGEABLE and peft_type not in BAKEABLE:
         known = ", ".join([*MERGEABLE.values(), "DoRA", "rsLoRA", *BAKEABLE.values()])
         raise ExportError(f"{where}: a {peft_type} adapter can neither be merged into the weights nor baked into the "
@@ -256,6 +265,8 @@ def adapter_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ExportError(f"{path}: cannot read the adapter's weights: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ExportError(f"{path}: not an adapter's weights (peft saves a dict of tensor name -> tensor)")
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
@@ -287,14 +298,19 @@ def _check_target_modules(adapter: Adapter, model: CausalLM) -> None:
     where = f"adapter {adapter.spec.name}"
     arch = model.config.model_type
     if isinstance(targets, list):
-        # peft matches a name exactly or as the last dotted part(s) of a module path
-        missing = [t for t in targets if t != "all-linear"
-                   and not any(n == t or n.endswith("." + t) for n in modules)]
-        if missing:
-            raise ExportError(f"{where}: target module(s) {', '.join(missing)} do not exist in this {arch} model "
+        if not all(isinstance(t, str) for t in targets):
+            raise ExportError(f"{where}: target_modules must be module names (strings), got {json.dumps(targets)[:80]}")
+        # peft matches a name exactly or as the last dotted part(s) of a module path, and needs one to match
+        # (an adapter config may list the names of several architectures)
+        if "all-linear" not in targets and not any(n == t or n.endswith("." + t) for t in targets for n in modules):
+            raise ExportError(f"{where}: target module(s) {', '.join(targets)} do not exist in this {arch} model "
                               f"(its modules: {', '.join(leaves)}); the adapter was made for another architecture")
     elif isinstance(targets, str) and targets != "all-linear":
-        if not any(re.fullmatch(targets, n) for n in modules):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ExportError(f"{where}: target_modules {targets!r} is not a regular expression ({e})") from None
+        if not any(pattern.fullmatch(n) for n in modules):
             raise ExportError(f"{where}: target_modules pattern {targets!r} matches no module of this {arch} model "
                               f"(its modules: {', '.join(leaves)}); the adapter was made for another architecture")
 
@@ -304,9 +320,7 @@ def _check_tensor_shapes(adapter: Adapter, model: CausalLM) -> None:
     modules = _module_names(model)
     where = f"adapter {adapter.spec.name}"
     for key, shape in adapter_tensor_shapes(adapter.weights_file).items():
-        parts = key.removeprefix("base_model.model.").split(".")
-        cut = next((i for i, p in enumerate(parts) if _ADAPTER_PARTS.match(p)), len(parts) - 1)
-        name, param = ".".join(parts[:cut]), parts[cut:]
+        name, param = adapted(key)
         module = modules.get(name)
         if module is None:
             raise ExportError(f"{where}: it has weights for {name}, which this {model.config.model_type} model does "
@@ -316,6 +330,15 @@ def _check_tensor_shapes(adapter: Adapter, model: CausalLM) -> None:
         if want is not None and tuple(want) != tuple(shape):
             raise ExportError(f"{where}: {key} has shape {tuple(shape)} but this model's {name} needs "
                               f"{tuple(want)}; the adapter was made for another base model (different sizes)")
+
+
+def adapted(key: str) -> tuple[str, list[str]]:
+    """A saved adapter tensor's name -> (the module it adapts, the parameter's own path):
+    "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight" -> ("model.layers.0.mlp.up_proj",
+    ["lora_A", "weight"])."""
+    parts = key.removeprefix("base_model.model.").split(".")
+    cut = next((i for i, p in enumerate(parts) if _ADAPTER_PARTS.match(p)), len(parts) - 1)
+    return ".".join(parts[:cut]), parts[cut:]
 
 
 def _expected_shape(module: torch.nn.Module, param: list[str], shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -346,9 +369,15 @@ def _expected_shape(module: torch.nn.Module, param: list[str], shape: tuple[int,
 
 def _check_prefix_shapes(adapter: Adapter, model: CausalLM) -> None:
     """peft sizes a LLaMA prefix per layer as (kv_heads, P, head_size) for keys and for values."""
+    from edgekit.host.families import family_of
+
     c, mc = adapter.config, model.config
-    kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
-    head_size = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    kv_heads, head_size = _peft_prefix_heads(mc)
+    family = family_of(model)
+    if (kv_heads, head_size) != (family.num_kv_heads, family.head_size):  # Falcon with grouped kv, for one
+        raise ExportError(f"adapter {adapter.spec.name}: peft makes this {mc.model_type} model's prefix for {kv_heads} "
+                          f"heads of size {head_size}, but its attention caches {family.num_kv_heads} of size "
+                          f"{family.head_size}; such a prefix cannot be baked into the cache: use a LoRA instead")
     want = {"num_layers": mc.num_hidden_layers, "num_attention_heads": kv_heads, "token_dim": kv_heads * head_size,
             "num_transformer_submodules": 1}
     wrong = [f"{k}={c.get(k)} (this model: {v})" for k, v in want.items() if c.get(k) is not None and c.get(k) != v]
@@ -362,6 +391,12 @@ def _check_prefix_shapes(adapter: Adapter, model: CausalLM) -> None:
     if got is not None and tuple(got) != expected:
         raise ExportError(f"adapter {adapter.spec.name}: prompt_embeddings has shape {tuple(got)}, this model needs "
                           f"{expected}; the adapter was made for another base model")
+
+
+def _peft_prefix_heads(config) -> tuple[int, int]:
+    """(heads, head size) of the keys and values peft's prefix tuning makes for a model of `config`."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return kv_heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def model_key(name: str) -> str:
@@ -419,6 +454,8 @@ def merge_adapters(model: torch.nn.Module, adapters: list[Adapter], combination:
         peft_model = PeftModel.from_pretrained(model, str(adapters[0].spec.path), adapter_name=names[0])
         for name, a in zip(names[1:], adapters[1:], strict=True):
             peft_model.load_adapter(str(a.spec.path), adapter_name=name)
+        for name, a in zip(names, adapters, strict=True):
+            _check_loaded(peft_model, name, a)
         active = names[0]
         if combination is not None:
             peft_model.add_weighted_adapter(names, [a.spec.weight for a in adapters], COMBINED,
@@ -430,7 +467,24 @@ def merge_adapters(model: torch.nn.Module, adapters: list[Adapter], combination:
         return peft_model.merge_and_unload(safe_merge=True, adapter_names=[active])
     except (ValueError, RuntimeError, KeyError, TypeError) as e:
         which = ", ".join(a.spec.name for a in adapters)
-        raise ExportError(f"peft could not merge adapter(s) {which}: {str(e).strip().splitlines()[0][:300]}") from None
+        raise ExportError(f"peft could not merge adapter(s) {which}: {' '.join(str(e).split())[:400]}") from None
+
+
+def _check_loaded(peft_model, name: str, adapter: Adapter) -> None:
+    """Every delta tensor of the adapter's file went into the model, and every delta the model made for it
+    came from the file. peft only warns (or says nothing) when they differ: tensors under names it does
+    not expect are dropped, and the parameters it did not get keep their initial values (zero for LoRA's
+    B, random for LoKr's): the bundle would silently be the base model, or a random change of it."""
+    from peft import get_peft_model_state_dict
+
+    saved = {k for k in adapter_tensor_shapes(adapter.weights_file) if _DELTA_PARTS.match(adapted(k)[1][0])}
+    made = {k for k in get_peft_model_state_dict(peft_model, adapter_name=name)
+            if _DELTA_PARTS.match(adapted(k)[1][0])}
+    for what, keys in (("peft has no place for", saved - made), ("lacks", made - saved)):
+        if keys:
+            raise ExportError(f"adapter {adapter.spec.name}: its weights file {what} {len(keys)} tensor(s) of this "
+                              f"model's adapter, e.g. {min(keys)}; the file was not written by peft's save_pretrained "
+                              "for this base model and adapter_config.json: save the adapter again")
 
 
 def _unit_scaling(peft_model, name: str) -> None:
@@ -454,10 +508,10 @@ def _untie_if_adapted(model: CausalLM, adapters: list[Adapter]) -> None:
     names = {n for n, m in model.named_modules() if m is out or m is inp}
     for a in adapters:
         for key in adapter_tensor_shapes(a.weights_file):
-            module = key.removeprefix("base_model.model.").split(".lora_")[0]
-            # a LoRA delta on either end of a tied pair applies to that end only (trainable tokens, peft's
-            # token_adapter, update both ends alike: merged into the one tensor they stay right)
-            if ".lora_" in key and module in names:
+            module, param = adapted(key)
+            # a delta (LoRA, LoHa, LoKr, IA3) on either end of a tied pair applies to that end only (trainable
+            # tokens, peft's token_adapter, update both ends alike: merged into the one tensor they stay right)
+            if _DELTA_PARTS.match(param[0]) and module in names:
                 if any(".token_adapter." in k for b in adapters for k in adapter_tensor_shapes(b.weights_file)):
                     raise ExportError(f"adapter {a.spec.name}: a LoRA on a tied embedding or lm_head together with "
                                       "trainable tokens cannot be merged exactly (the trained rows would reach one "
@@ -476,8 +530,9 @@ def _give_biases_to(model: torch.nn.Module, adapters: list[Adapter]) -> None:
     modules = dict(model.named_modules())
     for a in adapters:
         for key in adapter_tensor_shapes(a.weights_file):
-            if key.endswith("lora_B.weight") or ".lora_B." in key and key.endswith(".bias"):
-                module = modules.get(key.removeprefix("base_model.model.").split(".lora_B")[0])
+            name, param = adapted(key)
+            if param[0] == "lora_B":
+                module = modules.get(name)
                 if isinstance(module, torch.nn.Linear) and module.bias is None:
                     module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype))
 
@@ -506,8 +561,7 @@ def prefix_kv(model: CausalLM, adapter: Adapter) -> np.ndarray:
         pairs = [(layer.keys, layer.values) for layer in layers]
     kv = np.stack([np.stack([k[0].float().numpy(), v[0].float().numpy()]) for k, v in pairs])
     c = model.config
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_size = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads, head_size = _peft_prefix_heads(c)
     P = adapter.config["num_virtual_tokens"]
     assert kv.shape == (c.num_hidden_layers, 2, kv_heads, P, head_size), kv.shape  # (layers, 2, kv_heads, P, head_size)
     return np.ascontiguousarray(kv, dtype=np.float32)

@@ -131,6 +131,7 @@ class Decoder:
     layers: list[Layer]
     final_norm: Norm | None
     lm_head: Linear | None  # None: tied to the embedding
+    tied_lm_head_bias: np.ndarray | None = None  # (vocab,) a tied lm_head's own bias (GPT-J)
     rotary: dict[str, Rotary] = field(default_factory=dict)
     embed_name: str = "model.embed_tokens"  # the checkpoint's name, for the initializer
     embed_scale: float = 1.0  # Gemma: sqrt(hidden); Granite: embedding_multiplier

@@ -36,6 +36,7 @@ class Bloom(Llama):
     no_clip = ("self_attention.query_key_value",)
     rms_norm = False
     grouped_kv = False
+    reads_head_dim = False
 
     @classmethod
     def check(cls, config) -> None:

@@ -11,6 +11,8 @@ What differs from Llama:
   scale q·k by query_pre_attn_scalar^-0.5, and alternate sliding-window (local) and global
   layers (layer_types). Gemma 2 soft-caps the attention scores and the final logits
   (cap * tanh(x / cap)): GroupQueryAttention's softcap attribute, and three nodes after lm_head.
+  Gemma 3 caps the final logits only (transformers ignores its attn_logit_softcapping), and reads
+  its activation from hidden_activation, as Gemma 2 does (Gemma 1: hidden_act).
 - Gemma 3 normalizes q and k per head ((1 + w) RMSNorm) and gives its local and global layers
   rope tables of their own (rope_parameters per layer type), one GQA cos/sin cache each.
 """
@@ -48,6 +50,10 @@ class Gemma2(Gemma):
             raise ExportError(f"{config.model_type} with use_bidirectional_attention (an embedding model) is not "
                               "supported; edgekit exports causal language models")
 
+    @staticmethod
+    def hidden_act(config) -> str:  # Gemma 2 and 3 read hidden_activation (Google's configs carry hidden_act too)
+        return getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"
+
     def describe(self, weights: dict, arch) -> Decoder:
         d = super().describe(weights, arch)
         d.logits_softcap = getattr(self.config, "final_logit_softcapping", None)
@@ -70,6 +76,11 @@ class Gemma2(Gemma):
 
 class Gemma3(Gemma2):
     model_types = ("gemma3_text",)
+
+    def attention(self, i: int) -> Attention:
+        att = super().attention(i)
+        att.softcap = None  # transformers' Gemma 3 does not cap attention logits, whatever the config says
+        return att
 
     def qk_norms(self, i: int) -> tuple[Norm | None, Norm | None]:
         p = f"{self.decoder_layers}.{i}.self_attn"

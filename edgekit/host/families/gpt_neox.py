@@ -34,6 +34,7 @@ class GptNeoX(Llama):
     no_clip = ("attention.query_key_value",)
     rms_norm = False
     grouped_kv = False
+    reads_head_dim = False
 
     @property
     def eps(self) -> float:

@@ -35,6 +35,7 @@ class GptJ(Llama):
     no_clip = ("attn.q_proj", "attn.k_proj")
     rms_norm = False
     grouped_kv = False
+    reads_head_dim = False
 
     @staticmethod
     def hidden_act(config) -> str:

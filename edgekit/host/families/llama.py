@@ -72,6 +72,7 @@ class Llama:
     o_proj = "o_proj"  # in the attention module
     positions = "rope"  # rope | alibi | learned: what the manifest says the model uses
     grouped_kv = True  # reads num_key_value_heads; False: every head has its own k and v
+    reads_head_dim = True  # config.head_dim sets the head size; False: always hidden_size / heads, as transformers
     # a layer's Linears and the input each reads: GPTQ builds one Hessian per input
     linears = {
         "self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
@@ -128,7 +129,8 @@ class Llama:
 
     @property
     def head_size(self) -> int:
-        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.num_heads
+        return (self.reads_head_dim and getattr(self.config, "head_dim", None)) or \
+            self.config.hidden_size // self.num_heads
 
     @property
     def eps(self) -> float:
@@ -142,13 +144,9 @@ class Llama:
 
     def longest_context(self) -> int:
         """The longest context the graph computes exactly as transformers does."""
-        c = self.config
-        longest = getattr(c, "max_position_embeddings", None) or DEFAULT_CONTEXT
-        rope = rope_parameters(c) or {}
-        if rope.get("rope_type") == "dynamic":
-            # its frequencies change with the sequence length; below the original length they are fixed
-            longest = rope.get("original_max_position_embeddings") or longest
-        return longest
+        # dynamic rope's frequencies change with the length above max_position_embeddings only
+        # (transformers ignores an original_max_position_embeddings there)
+        return getattr(self.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
 
     def architecture(self, context_length: int | None = None) -> Architecture:
         """The manifest's shape numbers, with the KV cache at `context_length`."""
@@ -196,6 +194,7 @@ class Llama:
             layers=[self.layer(i) for i in range(arch.num_layers)],
             final_norm=self.final_layer_norm(),
             lm_head=None if head is None else Linear(head, self.w.get(f"{self.lm_head}.bias")),
+            tied_lm_head_bias=self.w.get(f"{self.lm_head}.bias") if head is None else None,
             rotary=rotary, head_order=self.head_order,
         )
 

@@ -32,6 +32,7 @@ class Mpt(Llama):
     no_clip = ("attn.Wqkv",)
     rms_norm = False
     grouped_kv = False
+    reads_head_dim = False
 
     @classmethod
     def check(cls, config) -> None:

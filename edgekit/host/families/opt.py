@@ -30,6 +30,7 @@ class Opt(Llama):
     no_clip = ("self_attn.q_proj", "self_attn.k_proj")
     rms_norm = False
     grouped_kv = False
+    reads_head_dim = False
 
     def __init__(self, model):
         super().__init__(model)
@@ -55,8 +56,11 @@ class Opt(Llama):
         table = self.w["model.decoder.embed_positions.weight"]
         d.positions = table[OFFSET:OFFSET + arch.context_length]
         if "model.decoder.project_in.weight" in self.w:
-            d.project_in = Linear(self.w["model.decoder.project_in.weight"])
-            d.project_out = Linear(self.w["model.decoder.project_out.weight"])
+            # no bias in OPT's checkpoints; a merged LoRA with lora_bias gives them one
+            d.project_in = Linear(self.w["model.decoder.project_in.weight"],
+                                  self.w.get("model.decoder.project_in.bias"))
+            d.project_out = Linear(self.w["model.decoder.project_out.weight"],
+                                   self.w.get("model.decoder.project_out.bias"))
         return d
 
     def final_layer_norm(self) -> Norm | None:

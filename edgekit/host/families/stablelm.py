@@ -20,6 +20,7 @@ ATTN_IN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 class StableLm(Llama):
     model_types = ("stablelm",)
     rms_norm = False
+    reads_head_dim = False
 
     def __init__(self, model):
         super().__init__(model)

@@ -230,7 +230,8 @@ class _Builder:
         initializer through Gemm(transB=1) instead of storing a transposed copy (49152 x 576 x 4 B =
         113 MB for SmolLM2).
 
-            h (B, N, H) ─► Reshape (B*N, H) ─► Gemm(transB, alpha=scale) ─► Reshape (B, N, V) ─► [softcap] ─► logits
+            h (B, N, H) ─► Reshape (B*N, H) ─► Gemm(transB, alpha=scale, [C bias]) ─► Reshape (B, N, V)
+                                                                                     ─► [softcap] ─► logits
         """
         g = self.g
         out = "/lm_head/output" if d.logits_softcap else "logits"
@@ -249,7 +250,10 @@ class _Builder:
             g.const("/lm_head/flat_shape", np.array([-1, hidden], np.int64))
             (flat,) = g.op("Reshape", [h, "/lm_head/flat_shape"], "/lm_head/Reshape")
             alpha = None if d.logits_scale == 1.0 else float(d.logits_scale)
-            (y,) = g.op("Gemm", [flat, f"{d.embed_name}.weight"], "/lm_head/Gemm", transB=1, alpha=alpha)
+            inputs = [flat, f"{d.embed_name}.weight"]
+            if d.tied_lm_head_bias is not None:  # Gemm's C (GPT-J): alpha scales A B only, so scaled here
+                inputs.append(g.const("lm_head.bias", (d.tied_lm_head_bias * d.logits_scale).astype(np.float32)))
+            (y,) = g.op("Gemm", inputs, "/lm_head/Gemm", transB=1, alpha=alpha)
             g.const("/lm_head/vocab", np.array([vocab], np.int64))
             (out_shape,) = g.op("Concat", [shape, "/lm_head/vocab"], "/lm_head/Concat", axis=0)
             g.op("Reshape", [y, out_shape], "/lm_head/Reshape_1", outputs=[out])
