@@ -124,6 +124,16 @@ def test_generation_reports_the_models_log_probabilities(tiny_bundle):
     assert first["logprob"] == first["top"][0]["logprob"] <= 0
 
 
+def test_an_answer_ended_by_eos_has_log_probabilities_for_its_tokens_only(tiny_bundle):
+    """EOS is in neither token_ids nor the text; its entry made logprobs one longer than token_ids."""
+    from edgekit.device import Model
+
+    model = Model(tiny_bundle)
+    eos = min(model.eos_token_ids)
+    done = model.generate("The robot", max_new_tokens=4, temperature=0.0, top_logprobs=2, logit_bias={eos: 100.0})
+    assert (done.finish_reason, done.token_ids, done.logprobs) == ("eos", [], [])
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), vocab=st.sampled_from([2, 65, 1000, 49152]), scale=st.floats(0.1, 30),
        temperature=st.floats(0.05, 2.0), top_k=st.sampled_from([0, 1, 50, 100]), top_p=st.floats(0.01, 1.0),

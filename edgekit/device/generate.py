@@ -11,7 +11,8 @@ decode step feeds one token and copies nothing.
 
 A Model keeps the token ids whose keys and values are in its cache, so a prompt
 that starts with the previous conversation (a system prompt, earlier turns) only
-feeds the new part. A Model is not thread-safe: give each thread its own.
+feeds the new part. A Model is not thread-safe: give each thread its own. One generation at a time:
+a stream refuses to go on after another request ran on its Model.
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ class Model:
         self._kv = kv_cache.for_graph(self.manifest.graph.flavour, self.session, buffers, arch.vocab_size)
         self.prefix_length = self._load_prefix()
         self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
+        self._runs = 0  # runs that wrote the cache (and resets): how a stream sees another request come between
         release_load_memory(self.path / "model.onnx.data")  # 12-15 MB of a 230 MB int4 process (session.py)
 
     def _open_session(self, profile_prefix: str | Path | None = None) -> None:
@@ -297,6 +299,7 @@ class Model:
                 f"{total} tokens do not fit in the context length of {self.context_length}"
             )
         del self._cached_ids[past_length:]
+        self._runs += 1  # a stream checks it between its runs: no other run may come between
         if self._chooser:
             self._chooser.run_starts()
         logits = self._kv.run(ids, self.prefix_length + past_length, len(ids) if all_logits else 1)
@@ -365,6 +368,7 @@ class Model:
     def reset(self) -> None:
         """Forget the cached tokens (the next prompt is computed from scratch)."""
         self._cached_ids = []
+        self._runs += 1
 
     @property
     def positions_left(self) -> int:
@@ -532,6 +536,7 @@ class Model:
         t0 = time.perf_counter()
         logits, stats.cached_tokens = self.prefill(ids)
         stats.prefill_s = time.perf_counter() - t0
+        runs = self._runs  # the cache holds this generation's tokens while no other run has written it
 
         seen = np.array(ids, dtype=np.int64) if cfg.repetition_penalty != 1.0 else np.empty(0, np.int64)
         out: list[int] = []
@@ -559,12 +564,12 @@ class Model:
                     raw = logits
                 token = sample(logits, cfg, rng, seen, np.asarray(out, np.int64))
                 stats.sample_s += time.perf_counter() - t
+                if token in self.eos_token_ids:  # not an answer token: no entry in token_ids or logprobs
+                    finish = "eos"
+                    break
                 if logprobs is not None:
                     assert top_logprobs is not None  # logprobs are kept only when asked for
                     logprobs.append(self._logprob(raw, token, top_logprobs))
-                if token in self.eos_token_ids:
-                    finish = "eos"
-                    break
                 feed = [token]
                 if constraint:
                     constraint.consume(feed)
@@ -588,9 +593,8 @@ class Model:
                 text = text[:cut]
                 finish = "stop"
                 break
-            ready = len(text) - hold
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                ready = min(ready, len(text) - 1)
+            # hold back what may start a stop string, before an incomplete UTF-8 sequence (which waits too)
+            ready = len(text) - hold - int(text.endswith("\ufffd"))
             if ready > emitted:
                 yield text[emitted:ready]
                 emitted = ready
@@ -611,6 +615,9 @@ class Model:
             room = self.context_length - self.prefix_length - len(self._cached_ids) - len(feed) - 1
             draft = drafter.draft(min(room, max_new - len(out))) if drafter is not None else []
             draft = list(itertools.takewhile(lambda i: i not in self.eos_token_ids, draft))
+            if self._runs != runs:
+                raise InputError("this Model ran another request since this stream began, so its cache no longer "
+                                 "holds this stream's text: read a stream to its end (or stop it) before the next")
             t = time.perf_counter()
             if drafter is not None and draft:
                 logits, agreed = self._verify(feed, draft)
@@ -620,6 +627,7 @@ class Model:
             else:
                 logits, agreed = self._feed(feed), []  # the sampled token and what the grammar forces: one run
             stats.decode_s.append(time.perf_counter() - t)
+            runs = self._runs
             stats.decode_tokens += len(feed) + len(agreed)
             feed, in_cache = agreed, bool(agreed)
         if len(text) > emitted:
