@@ -152,6 +152,11 @@ def test_same_seed_same_bundle_bytes(tiny, tmp_path):
     (dict(quant="awq", awq_grid=0), "--awq-grid 0 must be at least 1"),
     (dict(bits=4, act_order=False), "--bits, --no-act-order only apply when quantizing"),
     (dict(quant="rtn", lm_head_bits=2), "--lm-head-bits 2 is not supported; use 8 (default) or 4"),
+    (dict(quant="gptq", calib_samples=0), "calibration needs --calib-samples >= 1 and --calib-seq-len >= 16 "
+                                          "(got 0, 512)"),  # 0 was taken for "not given": 32 samples
+    (dict(quant="awq", calib_seq_len=0), "(got 32, 0)"),
+    # 16 tokens for 64 inputs: the Hessian has rank 16, and 1e-9 of damping leaves it singular
+    (dict(quant="gptq", damp=1e-9, calib_samples=1, calib_seq_len=16), "is not positive definite with --damp 1e-09"),
 ])
 def test_wrong_use_says_what_to_do(fields, message, tiny, tmp_path):
     with pytest.raises(ExportError, match=re.escape(message)):

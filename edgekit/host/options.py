@@ -156,8 +156,8 @@ def quant_plan(options: ExportOptions) -> QuantPlan | None:
         raise ExportError(f"--awq-grid {awq_grid} must be at least 1")
     if options.calib is not None:
         calib_file(options.calib)
-    samples = options.calib_samples or DEFAULT_SAMPLES
-    seq_len = options.calib_seq_len or DEFAULT_SEQ_LEN
+    samples = DEFAULT_SAMPLES if options.calib_samples is None else options.calib_samples  # 0 is refused, not "unset"
+    seq_len = DEFAULT_SEQ_LEN if options.calib_seq_len is None else options.calib_seq_len
     if samples < 1 or seq_len < 16:
         raise ExportError(f"calibration needs --calib-samples >= 1 and --calib-seq-len >= 16 "
                           f"(got {samples}, {seq_len})")

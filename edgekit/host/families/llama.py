@@ -148,6 +148,10 @@ class Llama:
         # (transformers ignores an original_max_position_embeddings there)
         return getattr(self.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
 
+    def longest_forward(self) -> int | None:
+        """The longest sequence transformers' forward takes (calibration runs it); None: no limit."""
+        return None
+
     def architecture(self, context_length: int | None = None) -> Architecture:
         """The manifest's shape numbers, with the KV cache at `context_length`."""
         c = self.config

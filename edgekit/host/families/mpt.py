@@ -52,6 +52,9 @@ class Mpt(Llama):
     def longest_context(self) -> int:
         return max(self.config.max_seq_len, ALIBI_CONTEXT)
 
+    def longest_forward(self) -> int | None:
+        return self.config.max_seq_len  # transformers' ALiBi bias is a buffer of this many positions
+
     def layer(self, i: int) -> Layer:
         p = f"{self.decoder_layers}.{i}"
         return Layer(self.attention(i), self.mlp(i), attn_norm=self.norm(f"{p}.norm_1"),

@@ -51,6 +51,9 @@ class Opt(Llama):
     def eps(self) -> float:
         return 1e-5  # nn.LayerNorm's default: OPT's config has no epsilon
 
+    def longest_forward(self) -> int | None:
+        return self.config.max_position_embeddings  # the learned position table's rows
+
     def describe(self, weights: dict, arch) -> Decoder:
         d = super().describe(weights, arch)
         table = self.w["model.decoder.embed_positions.weight"]

@@ -39,7 +39,7 @@ from edgekit.host.quant import layers, layerwise
 from edgekit.host.quant.calibration import calibration_ids
 from edgekit.host.quant.gptq import GPTQConfig, gptq, hessian
 from edgekit.host.quant.nbits import ACCURACY_LEVEL_INT8
-from edgekit.host.quant.plan import LM_HEAD, QuantPlan
+from edgekit.host.quant.plan import DEFAULT_SEQ_LEN, LM_HEAD, QuantPlan
 from edgekit.host.quant.rtn import QuantSpec, rtn
 
 
@@ -78,6 +78,11 @@ def quantize(loaded, family, arch, weights: dict, plan: QuantPlan,
 
     calib = None
     if method.calibrated:
+        limit = family.longest_forward()
+        if limit is not None and plan.seq_len > limit:
+            raise ExportError(f"calibration samples of {plan.seq_len} tokens (--calib-seq-len, default "
+                              f"{DEFAULT_SEQ_LEN}) are longer than the {limit} positions transformers runs this "
+                              f"model on; pass --calib-seq-len {limit} or less")
         calib = calibration_ids(loaded.tokenizer, plan.calib, plan.samples, plan.seq_len, plan.seed,
                                 mix_default=method.mixed_calibration)
         say(f"      calibration: {calib.ids.shape[0]} x {plan.seq_len} tokens from {calib.source}")

@@ -98,6 +98,10 @@ def search_scale(group: ScaleGroup, spec: QuantSpec, config: AWQConfig) -> torch
     if group.channels is not None:  # (prev's channels,): the mean over the input channels that repeat each
         repeats = torch.bincount(group.channels)
         x_max = torch.zeros(len(repeats)).index_add_(0, group.channels, x_max) / repeats
+    # a channel the calibration never fed (a ReLU that never fired: OPT's fc1 -> fc2) tells nothing: the
+    # median, not a scale of 1e-4 ** ratio that multiplies its input by up to 7000 when it does fire
+    # (the bundle's int8 activations then lose every other channel of its block)
+    x_max = torch.where(x_max > 0, x_max, x_max[x_max > 0].median() if bool((x_max > 0).any()) else 1.0)
     originals = [fc.weight.data for fc in group.linears]
     best_loss, best_s = float("inf"), torch.ones(len(x_max))
     try:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgekit.errors import ExportError
 from edgekit.host.quant.nbits import NBitsWeight
 from edgekit.host.quant.rtn import QuantSpec, encode, fake_quant, group_params, params, params_mse
 
@@ -110,7 +111,12 @@ def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, config: GPTQConfig =
     invperm = torch.argsort(perm)
 
     H += config.percdamp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    try:
+        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    except torch.linalg.LinAlgError:  # fewer calibration tokens than input features, and too little damping
+        raise ExportError(f"GPTQ's Hessian ({k} inputs) is not positive definite with --damp {config.percdamp:g}; "
+                          "raise --damp (default 0.01) or calibrate on more tokens (--calib-samples, "
+                          "--calib-seq-len)") from None
 
     Q = torch.zeros_like(W)
     scales = torch.zeros(n, -(-k // gs) if gs else 1, dtype=W.dtype)
