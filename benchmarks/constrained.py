@@ -41,9 +41,9 @@ MODES = ("free", "masked", "forced")
 
 def answer(model: Model, command: str, mode: str):
     """One greedy answer to `command` in `mode`; the Completion and its wall time."""
-    forced = constrain.Constraint.forced
+    force = constrain.Constraint.force
     if mode == "masked":  # the grammar forces nothing: each fixed token is one masked step
-        constrain.Constraint.forced = lambda self: []
+        constrain.Constraint.force = lambda self: []
     try:
         t = time.perf_counter()
         done = model.generate([{"role": "system", "content": SYSTEM}, {"role": "user", "content": command}],
@@ -51,7 +51,7 @@ def answer(model: Model, command: str, mode: str):
                               json_schema=None if mode == "free" else ACTION_SCHEMA)
         return done, time.perf_counter() - t
     finally:
-        constrain.Constraint.forced = forced
+        constrain.Constraint.force = force
 
 
 def main() -> None:
@@ -61,6 +61,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--busy", type=int, default=0, help="processes spinning on the CPU meanwhile")
     args = p.parse_args()
+    if args.commands < 1:
+        p.error(f"--commands must be at least 1, got {args.commands}")
 
     _, test = make()
     commands = [row["messages"][1]["content"] for row in test[:: max(1, len(test) // args.commands)]][: args.commands]

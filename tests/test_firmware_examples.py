@@ -47,6 +47,7 @@ def test_vehicle_dtc_warns_at_once_then_explains_and_reuses_the_cached_system_pr
                 assert ready, "the example exited before it was ready"
                 ready = proc.stderr.readline()
             send(broker, "vehicle/car-01/dtc", "not json")  # ignored, the node keeps running
+            send(broker, "vehicle/car-01/dtc", json.dumps({"code": "P" * 4000}))  # not a code: it ended the node
             send(broker, "vehicle/car-01/dtc", json.dumps({"code": "P0301"}))
             send(broker, "vehicle/car-01/dtc", json.dumps({"code": "p0420"}))
             wire.wait_for(lambda msgs: len(msgs) >= 3, timeout=60)
@@ -61,6 +62,16 @@ def test_vehicle_dtc_warns_at_once_then_explains_and_reuses_the_cached_system_pr
     assert "ignored malformed DTC message" in log
     cached = [int(line.split("(")[1].split()[0]) for line in log.splitlines() if "cached)" in line]
     assert cached[0] == 0 and cached[1] > 20  # the second code reuses the system prompt's KV cache
+
+
+def test_vehicle_dtc_sends_a_critical_warning_before_the_model_runs(tiny_bundle):
+    """The warning waited for the model's sentence (both went out together, after generation)."""
+    from dtc_explainer import hmi_messages
+
+    model = Model(tiny_bundle, threads=1)
+    messages = hmi_messages(model, "P0301", 8)
+    assert next(messages)["text"].startswith("Warning: cylinder 1 misfire") and model._cached_ids == []  # no run yet
+    assert next(messages)["severity"] == "critical" and model._cached_ids  # then the model's sentence
 
 
 def arm_actions(broker: Broker, bundle: Path, journal: Path, commands: list[str], max_new_tokens: int) -> list[dict]:

@@ -404,6 +404,26 @@ def ask(broker: Broker, *args: str) -> subprocess.CompletedProcess:
                           env=service_env(), capture_output=True, text=True, timeout=120, check=False)
 
 
+def test_client_mistakes_are_refused_before_anything_is_sent_and_leave_the_client_working(broker, serve):
+    """Each used to escape as a raw TypeError / OverflowError / struct.error, and the too-long expiry also
+    left the request registered, to fail every later request on its retry."""
+    serve(broker.config())
+    with Client(broker.config(), device_id="arm-01", timeout=20, retry_s=1) as client:
+        for prompt in (None, 5, 3.5, {"role": "user"}):
+            with pytest.raises(ValueError, match="the prompt must be text or a list of chat messages"):
+                client.ask(prompt)
+        with pytest.raises(ValueError, match=re.escape("expiry_s must be an integer > 0 and below 4.29497e+09")):
+            client.submit("hi", expiry_s=2**32)
+        with pytest.raises(ValueError, match="timeout must be a finite number > 0 and below"):
+            client.submit("hi", timeout=1e300)
+        time.sleep(1.5)  # past retry_s: a request left registered would be published again now
+        assert client.ask("Robots", max_new_tokens=2).finish_reason in ("length", "eos")
+    with pytest.raises(ConnectionError, match="this Client is closed"):
+        client.ask("Robots")
+    with pytest.raises(ValueError, match="connect_timeout must be a finite number > 0 and below"):
+        Client(broker.config(), connect_timeout=1e12)
+
+
 def test_ask_a_device_that_never_came_online_says_it_is_not_online(broker):
     started = time.monotonic()
     r = ask(broker, "--device-id", "ghost", "Are you there?")  # the default --timeout is 60 s

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from edgekit.device.mqtt import BrokerConfig
 from edgekit.device.mqtt import protocol as proto
 from edgekit.device.mqtt.journal import Journal
 
@@ -225,3 +226,15 @@ def test_the_mqtt_service_and_client_import_without_torch():
         print("ok")
     """)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("tls_file", ["cafile", "certfile", "keyfile"])
+def test_tls_files_with_a_plain_mqtt_url_are_refused_not_ignored(tls_file, tmp_path):
+    """--keyfile alone was taken and ignored: the user believed the connection was encrypted."""
+    from edgekit.device.mqtt.connection import make_connection
+    from edgekit.errors import InputError
+
+    (tmp_path / "x.pem").write_text("-")
+    config = BrokerConfig(url="mqtt://127.0.0.1:1883", **{tls_file: str(tmp_path / "x.pem")})
+    with pytest.raises(InputError, match="TLS files were given but the broker URL 'mqtt://127.0.0.1:1883' is not"):
+        make_connection(config, "c1", session_expiry_s=0, clean_start=True)

@@ -354,7 +354,7 @@ def test_tls_with_client_certificate_and_password(tmp_path, serve, local_model):
         with pytest.raises(ConnectionError):  # the broker's certificate is not signed by a CA we trust
             Client(BrokerConfig(url=broker.url, username="planner", password="pl4n", certfile=str(tls.client_cert),
                                 keyfile=str(tls.client_key)), connect_timeout=1)
-        with pytest.raises(ConnectionError):  # wrong password
+        with pytest.raises(ConnectionError, match=r"refused the connection \(Not authorized\)"):  # was "Protocol error"
             Client(broker.config("planner", "wrong"), connect_timeout=1)
     finally:
         broker.kill()

@@ -19,9 +19,8 @@ import logging
 import queue
 import threading
 
-import paho.mqtt.client as mqtt
-
 from edgekit.device.mqtt import BrokerConfig, Client, RequestError
+from edgekit.device.mqtt.connection import make_connection
 
 # Short on purpose: every command's prompt repeats it, so it is most of the prompt's tokens.
 SYSTEM = "You control a robot arm. Answer with a JSON action: pick, place, home or stop, with its object and location."
@@ -75,11 +74,8 @@ def main() -> None:
 
     # Commands arrive on paho's network thread; they are handled here, one at a time, in order.
     commands: queue.Queue[str] = queue.Queue(maxsize=16)
-    bus = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{args.arm}-controller", protocol=mqtt.MQTTv5)
-    if args.cafile:
-        bus.tls_set(ca_certs=args.cafile)
-    if args.username:
-        bus.username_pw_set(args.username, password)
+    conn = make_connection(config, f"{args.arm}-controller", session_expiry_s=300)  # TLS and login as the Client's
+    bus = conn.client
     bus.on_connect = lambda c, u, f, rc, props: c.subscribe(f"robot/{args.arm}/command", qos=1)
 
     def on_command(client, userdata, msg):
@@ -91,8 +87,7 @@ def main() -> None:
     subscribed = threading.Event()
     bus.on_message = on_command
     bus.on_subscribe = lambda *a: subscribed.set()
-    bus.connect_async(*config.address()[:2])
-    bus.loop_start()
+    conn.start()
     subscribed.wait()  # (re)connects with backoff until the broker is up
 
     with Client(config, device_id=args.arm, timeout=30) as llm:

@@ -23,12 +23,13 @@ import argparse
 import json
 import logging
 import queue
+import re
 import threading
-
-import paho.mqtt.client as mqtt
+from collections.abc import Iterator
 
 from edgekit.device import Model
 from edgekit.device.mqtt import BrokerConfig
+from edgekit.device.mqtt.connection import make_connection
 
 # What the codes mean comes from this table, not from the model: a 135M model rephrases, it does not diagnose.
 CODES = {
@@ -44,22 +45,22 @@ SYSTEM = ("You write one short, calm sentence for a car's dashboard telling the 
           "and what to do. No technical jargon.")
 # One sentence the dashboard can show: a capital, plain characters, a full stop, at most 140 characters.
 DASHBOARD_TEXT = r"[A-Z][A-Za-z0-9 ,;'()-]{8,138}\."
+DTC = r"[PCBU][0-9A-F]{4}"  # SAE J2012: system letter, four hex digits
 log = logging.getLogger("dtc")
 
 
-def hmi_messages(model: Model, code: str, max_new_tokens: int) -> list[dict]:
-    """The dashboard messages for one trouble code: an immediate warning if critical, then the model's sentence."""
+def hmi_messages(model: Model, code: str, max_new_tokens: int) -> Iterator[dict]:
+    """The dashboard messages for one trouble code, each as soon as it exists: a critical code's
+    warning before the model runs, then the model's sentence."""
     meaning, severity = CODES.get(code, ("Unrecognised fault code", "service"))
-    out = []
     if severity == "critical":
-        out.append({"code": code, "severity": severity, "text": CRITICAL_WARNING.format(meaning=meaning.lower())})
+        yield {"code": code, "severity": severity, "text": CRITICAL_WARNING.format(meaning=meaning.lower())}
     user = f"Fault {code}: {meaning}. Severity: {severity}."
     done = model.generate([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
                           max_new_tokens=max_new_tokens, temperature=0, regex=DASHBOARD_TEXT)
     log.info("%s: %d prompt tokens (%d cached), %.0f ms to first token", code, done.stats.prompt_tokens,
              done.stats.cached_tokens, done.stats.time_to_first_token_s * 1e3)
-    out.append({"code": code, "severity": severity, "text": done.text if done.valid else f"{meaning}."})
-    return out
+    yield {"code": code, "severity": severity, "text": done.text if done.valid else f"{meaning}."}
 
 
 def main() -> None:
@@ -75,13 +76,16 @@ def main() -> None:
 
     # paho's network thread only queues codes; the model runs on this thread, one code at a time.
     codes: queue.Queue[str] = queue.Queue(maxsize=64)
-    bus = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{args.vehicle}-dtc", protocol=mqtt.MQTTv5)
+    conn = make_connection(BrokerConfig(url=args.broker), f"{args.vehicle}-dtc", session_expiry_s=300)  # mqtts: TLS
+    bus = conn.client
     bus.on_connect = lambda c, u, f, rc, props: c.subscribe(f"vehicle/{args.vehicle}/dtc", qos=1)
 
     def on_dtc(client, userdata, msg):
         try:
-            code = json.loads(msg.payload)["code"]
-            codes.put_nowait(str(code).upper())
+            code = str(json.loads(msg.payload)["code"]).upper()
+            if not re.fullmatch(DTC, code):  # a bus message is not trusted: a long one would not fit the context
+                raise ValueError(code)
+            codes.put_nowait(code)
         except (ValueError, KeyError, TypeError):
             log.warning("ignored malformed DTC message %r", msg.payload[:80])
         except queue.Full:
@@ -90,9 +94,7 @@ def main() -> None:
     subscribed = threading.Event()
     bus.on_message = on_dtc
     bus.on_subscribe = lambda *a: subscribed.set()
-    host, port = BrokerConfig(url=args.broker).address()[:2]
-    bus.connect_async(host, port)
-    bus.loop_start()
+    conn.start()
     subscribed.wait()  # (re)connects with backoff until the broker is up
     log.info("ready: trouble codes on vehicle/%s/dtc", args.vehicle)
     while True:

@@ -180,6 +180,7 @@ class Client:
         self._states: dict[str, str] = {}  # device id -> "online" | "offline", from the retained status
         self._presence = False  # the broker let us read the status topics
         self._failure: str | None = None  # why the last connection attempt failed
+        self._closed = False
         self.conn = make_connection(self.config, self.client_id, session_expiry_s=300,
                                     clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY)
         c = self.conn.client
@@ -201,6 +202,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        self._closed = True
         self.conn.stop()
 
     # -- asking --------------------------------------------------------------------------
@@ -214,6 +216,11 @@ class Client:
         expiry_s: MQTT message expiry; the broker drops the request, and the device refuses
         it, when it has waited longer.
         """
+        if self._closed:
+            raise ConnectionError("this Client is closed; make a new one to send requests")
+        if not isinstance(prompt, (str, list, tuple)):
+            raise proto.ProtocolError(proto.INVALID, "the prompt must be text or a list of chat messages, got "
+                                                     f"{type(prompt).__name__}")
         key = "prompt" if isinstance(prompt, str) else "messages"
         # the device's own validation, here: a mistake raises ProtocolError (a ValueError) before anything is sent
         request = proto.request_from_dict({"v": proto.VERSION, key: prompt if isinstance(prompt, str) else list(prompt),
@@ -225,12 +232,16 @@ class Client:
         if timeout is not None:
             proto.check_positive("timeout", timeout)
         if expiry_s is not None:
-            proto.check_positive("expiry_s", expiry_s, integer=True)
+            proto.check_positive("expiry_s", expiry_s, integer=True, below=2**32)  # MQTT's four-byte interval
         pending = Pending(self, topic, uuid.uuid4().hex.encode(), request.to_json(), timeout or self.timeout,
                           expiry_s, device)
         with self._lock:
             self._pending[pending.correlation] = pending
-        self._publish_request(pending)
+        try:
+            self._publish_request(pending)
+        except BaseException:  # nothing sent: nothing to wait for (or to publish again on a retry)
+            self._forget(pending)
+            raise
         return pending
 
     def ask(self, prompt: str | Sequence[dict], **settings) -> Answer:
@@ -311,6 +322,8 @@ class Client:
 
     def silence_reason(self, device_id: str | None) -> str:
         """Why a request to `device_id` (None: the fleet) may have gone unanswered, from what presence shows."""
+        if not self.connected.is_set():  # the statuses below are stale then
+            return f"the connection to the broker {self.config.url} is down (closed, or lost and not back yet)"
         if not self._presence:
             where = f"the device {device_id}" if device_id else "a device of the fleet"
             return f"is {where} online? (this client may not read {self.topics.status('+')})"
@@ -336,7 +349,7 @@ class Client:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
         error = self.conn.take_error()
-        if not self._was_connected:  # a refusal, not a lost connection: __init__ says why
+        if not self._was_connected and self._failure is None:  # a refusal: __init__ says why (CONNACK's first)
             self._failure = f"the broker closed the connection ({error or reason_code})"
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:

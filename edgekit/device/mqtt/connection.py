@@ -109,7 +109,7 @@ def make_connection(config: BrokerConfig, client_id: str, *, session_expiry_s: i
         except ssl.SSLError as e:
             raise InputError(f"cannot use the TLS files (--cafile {config.cafile}, --certfile {config.certfile}, "
                              f"--keyfile {config.keyfile}): {e.reason or e}; they must be PEM files") from None
-    elif config.cafile or config.certfile:
+    elif config.cafile or config.certfile or config.keyfile:
         raise InputError(f"TLS files were given but the broker URL {config.url!r} is not mqtts://")
     if config.username is not None:
         client.username_pw_set(config.username, config.password)

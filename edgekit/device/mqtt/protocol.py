@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,18 +123,22 @@ def check_topic_prefix(prefix: str, what: str) -> None:
                          "or a leading or trailing '/'")
 
 
-def check_positive(name: str, value: Any, *, integer: bool = False, zero_ok: bool = False) -> None:
+def check_positive(name: str, value: Any, *, integer: bool = False, zero_ok: bool = False,
+                   below: float | None = None) -> None:
     """Raise ValueError (one line) unless `value` is a finite number > 0 (>= 0 with zero_ok; an int with
-    integer). For the service's and the client's settings: limits, periods, timeouts."""
+    integer) and, if given, below `below`. For the service's and the client's settings: limits, periods,
+    timeouts (a period or timeout is below threading.TIMEOUT_MAX, 292 years: a longer wait overflows)."""
+    below = threading.TIMEOUT_MAX if below is None and not integer else below
     ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
     if ok and not integer:
         try:
             ok = math.isfinite(value)
         except OverflowError:  # an int too large for a float
             ok = False
-    if not ok or value < 0 or (value == 0 and not zero_ok):
+    if not ok or value < 0 or (value == 0 and not zero_ok) or (below is not None and value >= below):
         want = "an integer" if integer else "a finite number"
-        raise InputError(f"{name} must be {want} {'>= 0' if zero_ok else '> 0'}, got {show(value)}")
+        limit = "" if below is None else f" and below {below:g}"
+        raise InputError(f"{name} must be {want} {'>= 0' if zero_ok else '> 0'}{limit}, got {show(value)}")
 
 
 def reply_topic_problem(topic: str | None, reply_prefix: str, topics: Topics) -> str | None:

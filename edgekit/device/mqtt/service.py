@@ -47,7 +47,6 @@ from edgekit.device.generate import Completion, ContextLengthError, Model
 from edgekit.device.mqtt import protocol as proto
 from edgekit.device.mqtt.connection import BrokerConfig, connect_failure, make_connection
 from edgekit.device.mqtt.journal import Journal, JournaledRequest, JournalError, OutboxReply, move_aside, salvage
-from edgekit.errors import InputError
 
 log = logging.getLogger("edgekit.mqtt")
 
@@ -84,9 +83,8 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         proto.check_positive("heartbeat_s", self.heartbeat_s)
         proto.check_positive("keep_done_s", self.keep_done_s)
-        proto.check_positive("session_expiry_s", self.session_expiry_s, integer=True, zero_ok=True)
-        if self.session_expiry_s >= 2**32:  # a four-byte MQTT property
-            raise InputError(f"session_expiry_s must be below 2**32 seconds, got {self.session_expiry_s}")
+        proto.check_positive("session_expiry_s", self.session_expiry_s, integer=True, zero_ok=True,
+                             below=2**32)  # a four-byte MQTT property
 
     def replies_below(self) -> str:
         """The reply prefix in force (without a trailing '/')."""
