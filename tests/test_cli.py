@@ -107,6 +107,33 @@ def test_command_line_mistakes_are_one_line_with_the_commands_help(argv, says):
     assert r.stderr.startswith(says) and r.stderr.strip().endswith("--help)")
 
 
+def test_a_checkpoint_missing_a_weight_is_refused_not_filled_with_random_values(make_tiny, tmp_path):
+    """transformers initialises what a checkpoint lacks at random and only prints a report: the bundle was
+    written (exit 0) with a random down projection."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = make_tiny("llama")
+    cut = shutil.copytree(folder, tmp_path / "cut")
+    weights = load_file(cut / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, cut / "model.safetensors", metadata={"format": "pt"})
+    r = edgekit("export", cut, "--out", tmp_path / "b")
+    assert_one_line_error(r, "the checkpoint has no model.layers.1.mlp.down_proj.weight")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["generate", "{bundle}", "hi", "--threads", "100000"], "threads must be a whole number from 0"),  # hung
+    (["export", "{folder}", "--out", "{tmp}/b", "--quant", "gptq", "--seed", "-1"], "--seed must be a whole number"),
+    (["bench", "{bundle}", "--background-load", "100000"], "--background-load must be from 0 to"),
+])
+def test_numbers_beyond_what_the_machine_can_do_are_one_line(argv, says, tiny_bundle, tiny_folder, tmp_path):
+    r = edgekit(*[a.format(bundle=tiny_bundle, folder=tiny_folder, tmp=tmp_path) for a in argv])
+    assert_one_line_error(r, says)
+
+
 def test_a_hub_id_says_that_edgekit_never_downloads(tmp_path):
     r = edgekit("export", "HuggingFaceTB/SmolLM2-360M-Instruct", "--out", tmp_path / "b")
     assert_one_line_error(r, "edgekit never downloads models")

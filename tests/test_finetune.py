@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -54,11 +55,29 @@ def test_smollm2_taught_four_commands_answers_them_after_export(tmp_path):
     ("not json", "line 1 is not JSON"),
     ('{"messages": []}', "line 1 needs"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "must end with the assistant's answer"),
+    ('{"messages": [{"role": "assistant", "content": "hi"}]}', "after what it answers"),  # was a ValueError
+    ('{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "a"}]}',
+     "line 1 holds a lone surrogate"),  # was a TypeError
+    ("[" * 100_000, "line 1 is not JSON"),  # was a RecursionError
 ])
 def test_bad_training_data_is_one_line_naming_the_line(line, says, tiny_folder, tmp_path):
     (tmp_path / "bad.jsonl").write_text(line)
     with pytest.raises(ExportError, match=says):
         finetune(tiny_folder, tmp_path / "bad.jsonl", tmp_path / "lora", say=lambda _: None)
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(threads=-1), "--threads must be from 1 to 1024"), (dict(threads=0), "--threads must be from 1"),
+    (dict(lr=1e300), "--lr a positive number up to 1"), (dict(seed=10**23), "--seed must be from 0 to 2**63 - 1"),
+    (dict(alpha=0), "--alpha must be a positive number"),  # the adapter would change nothing
+])
+def test_settings_out_of_range_are_one_line_before_any_work(options, says, tiny_folder, tmp_path):
+    from edgekit.host.finetune import FinetuneOptions
+
+    (tmp_path / "d.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", '
+                                      '"content": "b"}]}')
+    with pytest.raises(ExportError, match=re.escape(says)):
+        finetune(tiny_folder, tmp_path / "d.jsonl", tmp_path / "lora", FinetuneOptions(**options), say=lambda _: None)
 
 
 def test_command_line_trains_with_progress(tiny_folder, tmp_path):

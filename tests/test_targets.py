@@ -150,6 +150,22 @@ def test_operator_check_reports_fallbacks_and_failures(multi_target):
     assert list(r.unsupported) == ["com.microsoft::NoSuchOp"] and "no CPU kernel" in r.summary()
 
 
+def test_the_targets_command_lists_every_shipped_profile(capsys):
+    """It raised KeyError 'bits' once the profiles took the int4-best preset (no bits, no group size)."""
+    from edgekit.device.targets import available_targets
+
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in available_targets()) and "int4-best" in out
+
+
+@pytest.mark.parametrize("flag, value", [("--context-length", "-5"), ("--context-length", "0"),
+                                         ("--prompt-tokens", "-1"), ("--ram-gb", "-1"), ("--ram-gb", "nan")])
+def test_check_refuses_impossible_numbers_in_one_line(flag, value, multi_target, capsys):
+    assert main(["check", str(multi_target / "rpi4"), flag, value]) == 2  # -5 tokens "fitted", nan GB was exit 1
+    assert "error" in capsys.readouterr().err
+
+
 def test_check_command_says_whether_it_fits(multi_target, capsys):
     bundle = multi_target / "rpi4"
     assert main(["check", str(bundle)]) == 0

@@ -34,8 +34,9 @@ def _run_targets(args) -> int:
     for name, path in sorted(available_targets().items()):
         t = load_target(path)
         q = t.quantization
-        quant = "none" if q["method"] == "none" else \
-            f"{q['method']} int{q['bits']} g{q['group_size']}{' sym' if q.get('sym') else ''}"
+        # bits and group size are optional: a preset (int4-best) chooses its own
+        quant = " ".join([q["method"], *([f"int{q['bits']}"] if "bits" in q else []),
+                          *([f"g{q['group_size']}"] if "group_size" in q else []), *(["sym"] if q.get("sym") else [])])
         ram = "/".join(f"{r:g}" for r in t.ram_variants_gb) if t.ram_variants_gb else f"{t.ram_gb:g}"
         eps = ",".join(e.replace("ExecutionProvider", "") for e in t.execution_providers)
         cpu = f"{t.arch} {t.cpu.get('model', '')} x{t.cpu['cores']}: {' '.join(t.cpu['isa'])}"

@@ -26,6 +26,7 @@ Sources of the operator tables:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -316,9 +317,13 @@ def check_bundle(bundle: str | Path, target: str | None = None, ram_gb: float | 
     profile = load_target(name).manifest_dict()
     arch = m.architecture
     flavour = m.graph.flavour
-    ctx = context_length or arch.context_length
-    if ctx > arch.context_length:
-        raise InputError(f"--context-length {ctx} is longer than the bundle's {arch.context_length}")
+    ctx = arch.context_length if context_length is None else context_length
+    if not 2 <= ctx <= arch.context_length:
+        raise InputError(f"--context-length {ctx} must be from 2 to the bundle's {arch.context_length}")
+    if prompt_tokens is not None and not 1 <= prompt_tokens <= ctx:
+        raise InputError(f"--prompt-tokens {prompt_tokens} must be from 1 to the context length {ctx}")
+    if ram_gb is not None and not (math.isfinite(ram_gb) and ram_gb > 0):
+        raise InputError(f"--ram-gb must be a number of gigabytes above 0, got {ram_gb}")
     notes = []
     if built_for != profile["name"]:
         notes.append(f"the bundle was built for {built_for}; it keeps that target's settings (threads, "

@@ -38,7 +38,7 @@ from edgekit.device.lookup import Drafter
 from edgekit.device.sampling import SamplingConfig, is_unicode, plain_greedy, sample, show_value
 from edgekit.device.sampling import top_logprobs as top_logprobs_of
 from edgekit.device.session import create_session, release_load_memory
-from edgekit.device.threads import ThreadChooser
+from edgekit.device.threads import MAX_THREADS, ThreadChooser
 from edgekit.errors import InputError
 
 log = logging.getLogger("edgekit")
@@ -184,8 +184,9 @@ class Model:
         session_config: dict[str, str] | None = None,
         profile_prefix: str | Path | None = None,
     ):
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
-            raise InputError("threads must be a whole number >= 0 (0: onnxruntime's choice), "
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or not 0 <= threads <= MAX_THREADS):
+            raise InputError(f"threads must be a whole number from 0 (onnxruntime's choice) to {MAX_THREADS}, "
                              f"got {show_value(threads)}")
         if context_length is not None and (not isinstance(context_length, int) or context_length < 2):
             raise InputError(f"context_length must be a whole number >= 2, got {show_value(context_length)}")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from edgekit.device import sysinfo
 
+MAX_THREADS = 1024  # more than any board has cores; onnxruntime takes minutes to make 100000 threads
 RECHECK_S = 0.5  # seconds of running measured before a request may change the count: less is mostly noise
 IDLE_GAP_S = 0.02  # a pause between runs longer than this is waiting for work, not generating
 READ_EVERY_S = 0.1  # /proc/stat is read at most this often while running (26 us a read)

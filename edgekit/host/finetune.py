@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from edgekit.device.sampling import is_unicode
+from edgekit.device.threads import MAX_THREADS
 from edgekit.errors import ExportError
 from edgekit.host.families import family_of
 from edgekit.host.load import load
@@ -58,15 +60,18 @@ def read_examples(path: str | Path) -> list[list[dict]]:
             continue
         try:
             item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ExportError(f"--data {path}: line {n} is not JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # not JSON, nested too deeply, an integer of > 4300 digits
+            raise ExportError(f"--data {path}: line {n} is not JSON ({getattr(e, 'msg', None) or e})") from None
         messages = item.get("messages") if isinstance(item, dict) else None
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             raise ExportError(f"--data {path}: line {n} needs {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}")
-        if messages[-1]["role"] != "assistant":
-            raise ExportError(f"--data {path}: line {n} must end with the assistant's answer (the part learnt)")
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise ExportError(f"--data {path}: line {n} must end with the assistant's answer (the part learnt), "
+                              "after what it answers")
+        if not all(is_unicode(m["content"]) for m in messages):
+            raise ExportError(f"--data {path}: line {n} holds a lone surrogate (\\udxxx), which is not text")
         examples.append(messages)
     if not examples:
         raise ExportError(f"--data {path}: no examples")
@@ -92,8 +97,16 @@ def finetune(source: str | Path, data: str | Path, out: str | Path, options: Fin
     from peft import LoraConfig, get_peft_model
 
     o = options or FinetuneOptions()
-    if o.steps < 1 or o.batch_size < 1 or o.rank < 1 or not (math.isfinite(o.lr) and o.lr > 0):
-        raise ExportError("--steps, --batch-size and --rank must be >= 1 and --lr a positive number")
+    if o.steps < 1 or o.batch_size < 1 or o.rank < 1 or not (math.isfinite(o.lr) and 0 < o.lr <= 1):
+        raise ExportError("--steps, --batch-size and --rank must be >= 1 and --lr a positive number up to 1")
+    if not (math.isfinite(o.alpha) and o.alpha > 0):
+        raise ExportError(f"--alpha must be a positive number (LoRA's scale is alpha / rank), got {o.alpha}")
+    if o.threads is not None and not 1 <= o.threads <= MAX_THREADS:
+        raise ExportError(f"--threads must be from 1 to {MAX_THREADS}, got {o.threads}")
+    if not 0 <= o.seed < 2**63:
+        raise ExportError(f"--seed must be from 0 to 2**63 - 1, got {o.seed}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ExportError(f"--out {out} is a file; the adapter is saved as a folder")
     examples = read_examples(data)
     if o.threads:
         torch.set_num_threads(o.threads)

@@ -97,10 +97,16 @@ def load(spec: str | Path) -> LoadedModel:
 
     family_class(config)  # an unsupported architecture or setting fails before the weights load
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch.float32, **kw)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch.float32, output_loading_info=True,
+                                                           **kw)
+        model, info = loaded  # (the model, what transformers loaded and did not)
         tokenizer = AutoTokenizer.from_pretrained(src.folder, **kw)
     except Exception as e:
         raise ExportError(f"{spec}: cannot load the weights or tokenizer: {_first_line(e)}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers fills them with random values and only prints a report
+        raise ExportError(f"{spec}: the checkpoint has no {missing[0]}" + (f" (and {len(missing) - 1} more weights)"
+                          if len(missing) > 1 else "") + "; it is incomplete or of another architecture variant")
     if not getattr(tokenizer, "is_fast", False):
         raise ExportError(f"{spec}: the tokenizer has no tokenizer.json (fast) form, which the device needs")
     model.eval()

@@ -154,6 +154,8 @@ def quant_plan(options: ExportOptions) -> QuantPlan | None:
     awq_grid = AWQConfig.n_grid if options.awq_grid is None else options.awq_grid
     if awq_grid < 1:
         raise ExportError(f"--awq-grid {awq_grid} must be at least 1")
+    if isinstance(options.seed, bool) or not isinstance(options.seed, int) or not 0 <= options.seed < 2**64:
+        raise ExportError(f"--seed must be a whole number from 0 to 2**64 - 1, got {options.seed}")
     if options.calib is not None:
         calib_file(options.calib)
     samples = DEFAULT_SAMPLES if options.calib_samples is None else options.calib_samples  # 0 is refused, not "unset"

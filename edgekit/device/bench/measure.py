@@ -28,6 +28,7 @@ and tokenizers only.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from edgekit.device.bench.stats import Percentiles, Summary
 from edgekit.device.bundle import to_record
 from edgekit.device.generate import ContextLengthError, Model
 from edgekit.device.sampling import SamplingConfig, sample
+from edgekit.device.threads import MAX_THREADS
 
 # Plain English text (written for this file) that prompts are cut from: real words make the
 # tokenizer's work realistic, unlike llama-bench's random ids. Repeated to reach long prompts.
@@ -217,10 +219,11 @@ class BenchOptions:
             raise BenchError(f"--runs must be at least 1, got {self.runs}")
         if self.warmup < 0:
             raise BenchError(f"--warmup must be 0 or more, got {self.warmup}")
-        if not self.threads or any(t is not None and t < 1 for t in self.threads):
-            raise BenchError(f"--threads must be positive numbers, got {self.threads}")
-        if self.background_load < 0:
-            raise BenchError(f"--background-load must be 0 or more, got {self.background_load}")
+        if not self.threads or any(t is not None and not 1 <= t <= MAX_THREADS for t in self.threads):
+            raise BenchError(f"--threads must be numbers from 1 to {MAX_THREADS}, got {self.threads}")
+        most = 4 * (os.cpu_count() or 1)  # spinning processes beyond that only heat the machine
+        if not 0 <= self.background_load <= most:
+            raise BenchError(f"--background-load must be from 0 to {most} (4 per core), got {self.background_load}")
 
 
 def bundle_description(model: Model) -> BundleInfo:
