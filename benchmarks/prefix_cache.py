@@ -47,6 +47,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.runs < 1:
+        ap.error(f"--runs must be at least 1, got {args.runs}")
 
     model = Model(args.bundle, threads=args.threads)
     ttft_ms(model, QUESTIONS[0], cold=True)  # warm up: first-run allocations and pre-packing

@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--busy", type=int, default=0, help="processes spinning on the CPU meanwhile")
     args = p.parse_args()
+    if args.new_tokens < 1:
+        p.error(f"--new-tokens must be at least 1, got {args.new_tokens}")
     model = Model(args.bundle, threads=args.threads)
     model.generate("warm up", max_new_tokens=4, temperature=0)
 

@@ -205,5 +205,5 @@ def test_a_background_load_runs_alongside_and_is_recorded(tiny_bundle):
     # every core busy: without --threads the model ran on one thread, and the report says so
     assert report["results"][0]["threads"] is None and report["results"][0]["threads_run"] == 1
     assert bench.format_csv(report).splitlines()[1].split(",")[4] == "default (1)"
-    with pytest.raises(bench.BenchError, match="--background-load must be 0 or more"):
+    with pytest.raises(bench.BenchError, match="--background-load must be from 0 to"):
         bench.run_benchmark(tiny_bundle, bench.BenchOptions(background_load=-1))

@@ -222,7 +222,8 @@ def test_a_manifest_from_a_newer_edgekit_of_the_same_format_reads_and_keeps_what
 
 
 def test_settings_out_of_range_are_refused(tiny_bundle):
-    with pytest.raises(ValueError, match="threads must be a whole number >= 0"):
-        Model(tiny_bundle, threads=-1)
+    for threads in (-1, 1025):
+        with pytest.raises(ValueError, match=r"threads must be a whole number from 0 \(onnxruntime's choice\) to 1024"):
+            Model(tiny_bundle, threads=threads)
     with pytest.raises(ValueError, match="context_length must be a whole number >= 2"):
         Model(tiny_bundle, context_length=0)

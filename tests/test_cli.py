@@ -128,6 +128,8 @@ def test_a_checkpoint_missing_a_weight_is_refused_not_filled_with_random_values(
     (["generate", "{bundle}", "hi", "--threads", "100000"], "threads must be a whole number from 0"),  # hung
     (["export", "{folder}", "--out", "{tmp}/b", "--quant", "gptq", "--seed", "-1"], "--seed must be a whole number"),
     (["bench", "{bundle}", "--background-load", "100000"], "--background-load must be from 0 to"),
+    (["bench", "{bundle}", "-p", "8,,9"], "expected comma-separated whole numbers"),  # the empty item was dropped
+    (["generate", "{bundle}", "hi", "--tool-choice", "required"], "--tool-choice goes with --tools"),  # was ignored
 ])
 def test_numbers_beyond_what_the_machine_can_do_are_one_line(argv, says, tiny_bundle, tiny_folder, tmp_path):
     r = edgekit(*[a.format(bundle=tiny_bundle, folder=tiny_folder, tmp=tmp_path) for a in argv])

@@ -416,12 +416,16 @@ def test_client_mistakes_are_refused_before_anything_is_sent_and_leave_the_clien
             client.submit("hi", expiry_s=2**32)
         with pytest.raises(ValueError, match="timeout must be a finite number > 0 and below"):
             client.submit("hi", timeout=1e300)
+        with pytest.raises(ValueError, match="ask\\(\\) waits for the whole answer and takes no stream="):
+            client.ask("hi", stream=True)  # was a TypeError
         time.sleep(1.5)  # past retry_s: a request left registered would be published again now
         assert client.ask("Robots", max_new_tokens=2).finish_reason in ("length", "eos")
     with pytest.raises(ConnectionError, match="this Client is closed"):
         client.ask("Robots")
     with pytest.raises(ValueError, match="connect_timeout must be a finite number > 0 and below"):
         Client(broker.config(), connect_timeout=1e12)
+    with pytest.raises(ValueError, match="broker must be a URL"):
+        Client(12345)  # was an AttributeError
 
 
 def test_ask_a_device_that_never_came_online_says_it_is_not_online(broker):

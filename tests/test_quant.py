@@ -152,6 +152,8 @@ def test_same_seed_same_bundle_bytes(tiny, tmp_path):
     (dict(quant="awq", awq_grid=0), "--awq-grid 0 must be at least 1"),
     (dict(bits=4, act_order=False), "--bits, --no-act-order only apply when quantizing"),
     (dict(quant="rtn", lm_head_bits=2), "--lm-head-bits 2 is not supported; use 8 (default) or 4"),
+    (dict(quant="rtn", calib_samples=8), "--calib-samples applies to calibrated methods (gptq, awq, smoothquant, "
+                                         "int4-best), not rtn"),  # it was read and ignored
     (dict(quant="gptq", calib_samples=0), "calibration needs --calib-samples >= 1 and --calib-seq-len >= 16 "
                                           "(got 0, 512)"),  # 0 was taken for "not given": 32 samples
     (dict(quant="awq", calib_seq_len=0), "(got 32, 0)"),

@@ -25,6 +25,14 @@ def main() -> int:
                                       "the logits of every continuation position to --save-logits")
     ap.add_argument("--save-logits", help=".npy path for the --teacher logits")
     args = ap.parse_args()
+    if args.tokens < 1:
+        ap.error(f"--tokens must be at least 1, got {args.tokens}")
+    try:
+        teacher = json.loads(args.teacher) if args.teacher else None
+    except json.JSONDecodeError:
+        ap.error(f"--teacher must be a JSON list of token ids, got {args.teacher[:40]!r}")
+    if teacher is not None and not (isinstance(teacher, list) and all(isinstance(i, int) for i in teacher)):
+        ap.error("--teacher must be a JSON list of token ids")
     t0 = time.perf_counter()
     import onnxruntime
 
@@ -36,11 +44,10 @@ def main() -> int:
     # stop only at the token count: the comparison wants exactly `tokens` ids
     done = model.generate(args.prompt, max_new_tokens=args.tokens, temperature=0.0)
     t2 = time.perf_counter()
-    if args.teacher:
+    if teacher:
         # the same token sequence on both machines, so the logits are comparable position by position
         import numpy as np
 
-        teacher = json.loads(args.teacher)
         ids = model.encode(args.prompt)
         model.reset()
         logits = model.forward(ids + teacher[:-1], 0, all_logits=True)[len(ids) - 1:]  # (len(teacher), vocab)

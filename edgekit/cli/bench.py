@@ -19,7 +19,7 @@ from edgekit.cli import THREADS_DEFAULT
 def _int_list(text: str) -> list[int]:
     """llama-bench's sweeps: "32,128,512"."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",")]  # "8,,9": a number left out is a mistake, not a skip
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
     if not values:

@@ -60,6 +60,8 @@ def _run_generate(args) -> int:
                  [{"role": "user", "content": args.chat}]
     constraint = {"json_schema": _read_text(args.json_schema, "--json-schema") if args.json_schema else None,
                   "regex": args.regex, "grammar": _read_text(args.grammar, "--grammar") if args.grammar else None}
+    if args.tool_choice != "auto" and not args.tools:
+        raise UserError("--tool-choice goes with --tools FILE")
     if args.tools:
         if args.chat is None:
             raise UserError("--tools goes with --chat MESSAGE")

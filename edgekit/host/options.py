@@ -142,6 +142,10 @@ def quant_plan(options: ExportOptions) -> QuantPlan | None:
     for knob, owner in owners.items():
         if getattr(options, knob) is not None and METHODS[owner].layer != method.layer:
             raise ExportError(f"{flag(knob)} applies to --quant {owner}, not {method.name}")
+    calibrating = [flag(k) for k in ("calib", "calib_samples", "calib_seq_len") if getattr(options, k) is not None]
+    if calibrating and not method.calibrated:  # it would be read and silently ignored
+        raise ExportError(f"{', '.join(calibrating)} applies to calibrated methods "
+                          f"({', '.join(m.name for m in METHODS.values() if m.calibrated)}), not {method.name}")
     damp = GPTQConfig.percdamp if options.damp is None else options.damp
     if not 0 < damp <= 1:
         raise ExportError(f"--damp {damp} is out of range; use a fraction in (0, 1], e.g. 0.01")

@@ -17,10 +17,12 @@ import argparse
 import json
 import logging
 import queue
+import sys
 import threading
 
 from edgekit.device.mqtt import BrokerConfig, Client, RequestError
 from edgekit.device.mqtt.connection import make_connection
+from edgekit.errors import EdgekitError
 
 # Short on purpose: every command's prompt repeats it, so it is most of the prompt's tokens.
 SYSTEM = "You control a robot arm. Answer with a JSON action: pick, place, home or stop, with its object and location."
@@ -109,4 +111,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (EdgekitError, OSError) as e:  # a wrong flag, file or broker: one line, as edgekit's own commands say it
+        print(f"{sys.argv[0]}: error: {e}", file=sys.stderr)
+        sys.exit(2)

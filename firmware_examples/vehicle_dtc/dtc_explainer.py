@@ -24,12 +24,14 @@ import json
 import logging
 import queue
 import re
+import sys
 import threading
 from collections.abc import Iterator
 
 from edgekit.device import Model
 from edgekit.device.mqtt import BrokerConfig
 from edgekit.device.mqtt.connection import make_connection
+from edgekit.errors import EdgekitError
 
 # What the codes mean comes from this table, not from the model: a 135M model rephrases, it does not diagnose.
 CODES = {
@@ -104,4 +106,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (EdgekitError, OSError) as e:  # a wrong flag, file or broker: one line, as edgekit's own commands say it
+        print(f"{sys.argv[0]}: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -34,7 +34,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgekit.device.mqtt import protocol as proto
 from edgekit.device.mqtt.connection import BrokerConfig, connect_failure, make_connection
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, InputError
 
 log = logging.getLogger("edgekit.mqtt")
 
@@ -157,6 +157,8 @@ class Client:
     def __init__(self, broker: str | BrokerConfig, *, device_id: str | None = None,
                  prefix: str = proto.DEFAULT_PREFIX, client_id: str | None = None, timeout: float = 60.0,
                  retry_s: float = 10.0, connect_timeout: float = 10.0):
+        if not isinstance(broker, (str, BrokerConfig)):
+            raise InputError(f"broker must be a URL (mqtt://host:port) or a BrokerConfig, got {type(broker).__name__}")
         self.config = broker if isinstance(broker, BrokerConfig) else BrokerConfig(url=broker)
         proto.check_topic_prefix(prefix, "topic prefix")
         self.topics = proto.Topics(prefix)
@@ -246,10 +248,14 @@ class Client:
 
     def ask(self, prompt: str | Sequence[dict], **settings) -> Answer:
         """Send a request and wait for the whole answer; raises RequestError on an error reply."""
+        if "stream" in settings:
+            raise InputError("ask() waits for the whole answer and takes no stream=; use stream() for the pieces")
         return self.submit(prompt, stream=False, **settings).result()
 
     def stream(self, prompt: str | Sequence[dict], **settings) -> Pending:
         """Send a request; iterate the result for text pieces, then read `.answer`."""
+        if "stream" in settings:
+            raise InputError("stream() always streams and takes no stream=; use ask() for the whole answer at once")
         return self.submit(prompt, stream=True, **settings)
 
     def send_raw(self, topic: str, payload: bytes, correlation: bytes | None = None,

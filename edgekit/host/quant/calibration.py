@@ -64,7 +64,7 @@ def read_text(path: str | Path) -> str:
     """The text of a .txt file, or the texts of a .jsonl file joined by blank lines."""
     path = calib_file(path)
     raw = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix != ".jsonl":
+    if path.suffix.lower() != ".jsonl":
         return raw
     texts = []
     for n, line in enumerate(raw.splitlines(), 1):
