@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -360,12 +361,35 @@ def _check_constraint(raw: dict) -> None:
         raise ProtocolError(INVALID, '"tool_choice" goes with "tools"')
 
 
+MAX_NESTING = 128  # levels of arrays and objects a message may have (a response_format schema: a few per level)
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _too_deep(text: str) -> bool:
+    """Whether `text`'s arrays and objects nest deeper than MAX_NESTING (strings skipped), found without
+    recursing: Python's parser recurses once per level, and a collection that runs in that deep stack
+    (a finalizer of another thread's objects) fails with RecursionError as well."""
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return False  # every ordinary message: no scan
+    depth = 0
+    for c in _STRING.sub("", text):
+        if c in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return True
+        elif c in "]}":
+            depth -= 1
+    return False
+
+
 def _load_object(payload: bytes | bytearray, what: str) -> dict:
     """The JSON object in `payload`; ProtocolError (INVALID) for anything else, however malformed."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ProtocolError(INVALID, f"{what} is not UTF-8 ({e.reason} at byte {e.start})") from None
+    if _too_deep(text):
+        raise ProtocolError(INVALID, f"{what} is nested too deeply to be a request (over {MAX_NESTING} levels)")
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
