@@ -220,12 +220,7 @@ class Model:
         # The KV cache: allocated once at the context length, in numpy buffers (so a baked-in prefix
         # can be written in) whose pages exist once written; the graph's flavour decides how a run
         # reads and writes it (device/kv_cache.py).
-        try:
-            buffers = kv_cache.buffers_for(arch.num_layers, arch.num_kv_heads, self.context_length, arch.head_size)
-        except (OSError, MemoryError, OverflowError) as e:
-            need = 8 * arch.num_layers * arch.num_kv_heads * self.context_length * arch.head_size / 2**30
-            raise InputError(f"the KV cache for a context of {self.context_length} tokens needs {need:.3g} GiB, "
-                             f"which this device cannot map ({e}); pass a smaller context_length") from None
+        buffers = kv_cache.buffers_for(arch.num_layers, arch.num_kv_heads, self.context_length, arch.head_size)
         self._kv = kv_cache.for_graph(self.manifest.graph.flavour, self.session, buffers, arch.vocab_size)
         self.prefix_length = self._load_prefix()
         self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from edgekit.errors import InputError
+
 
 def allocate(names: Sequence[str], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Zeroed float32 buffers of `shape`, one per name, in one anonymous memory map.
@@ -114,9 +116,16 @@ class GrowingCache:
 
 
 def buffers_for(num_layers: int, kv_heads: int, length: int, head_size: int) -> dict[str, np.ndarray]:
-    """Zeroed key and value buffers for `length` positions, "key.{i}" / "value.{i}" per layer."""
+    """Zeroed key and value buffers for `length` positions, "key.{i}" / "value.{i}" per layer; InputError
+    naming the size when the device cannot map that much."""
     names = [f"{kind}.{i}" for i in range(num_layers) for kind in ("key", "value")]
-    return allocate(names, (1, kv_heads, length, head_size))  # (batch, kv_heads, seq, head_size)
+    shape = (1, kv_heads, length, head_size)  # (batch, kv_heads, seq, head_size)
+    try:
+        return allocate(names, shape)
+    except (OSError, MemoryError, OverflowError) as e:
+        need = 4 * len(names) * float(np.prod(shape, dtype=np.float64)) / 2**30
+        raise InputError(f"the KV cache for a context of {length} tokens needs {need:.3g} GiB, "
+                         f"which this device cannot map ({e}); pass a smaller context_length") from None
 
 
 def for_graph(flavour: str, session: ort.InferenceSession, buffers: dict[str, np.ndarray],

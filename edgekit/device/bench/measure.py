@@ -28,7 +28,6 @@ and tokenizers only.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -221,7 +220,7 @@ class BenchOptions:
             raise BenchError(f"--warmup must be 0 or more, got {self.warmup}")
         if not self.threads or any(t is not None and not 1 <= t <= MAX_THREADS for t in self.threads):
             raise BenchError(f"--threads must be numbers from 1 to {MAX_THREADS}, got {self.threads}")
-        most = 4 * (os.cpu_count() or 1)  # spinning processes beyond that only heat the machine
+        most = 4 * len(sysinfo.usable_cpus())  # spinning processes beyond that only heat the machine
         if not 0 <= self.background_load <= most:
             raise BenchError(f"--background-load must be from 0 to {most} (4 per core), got {self.background_load}")
 
