@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edgekit.device import Model
-from edgekit.device.constrain import ConstraintError
+from edgekit.device.constrain import ConstraintError, repeats_a_key
 
 ARM = {"type": "object", "properties": {
     "action": {"enum": ["pick", "place", "home", "stop"]},
@@ -86,6 +86,35 @@ def test_a_cut_off_answer_is_reported_incomplete_never_as_valid(model):
         json.loads(done.text)
 
 
+@pytest.mark.parametrize("spec", [dict(json_schema={"type": "integer"}), dict(regex="[a-z ]+"),
+                                  dict(json_schema=True)])
+def test_text_the_grammar_could_go_on_from_is_valid_only_when_the_model_ended_it(spec, model):
+    """'12' is an integer, but as the first 2 tokens of '1234567' it is not the answer: a limit cut it.
+    (JSON Schema's `true` takes any JSON value: 'false' is whole, '12' is not.)"""
+    for seed in range(4):
+        cut = model.generate("Robot:", **spec, max_new_tokens=3, temperature=1.0, seed=seed)
+        whole = spec.get("json_schema") is True and cut.text in ("true", "false", "null")
+        assert cut.valid is (cut.finish_reason == "eos" or whole), cut
+    eos = next(iter(model.eos_token_ids))
+    ended = model.generate("Robot:", **spec, max_new_tokens=30, temperature=1.0, seed=0, logit_bias={eos: 100})
+    assert ended.finish_reason == "eos" and ended.valid is True and ended.text, ended
+    if "regex" not in spec:
+        json.loads(ended.text)
+
+
+def test_json_that_names_a_key_twice_is_not_valid(model):
+    """llguidance tracks only the properties a schema names: under patternProperties the model may
+    repeat a key, and json.loads keeps one, so minProperties 2 is not met."""
+    schema = {"type": "object", "patternProperties": {"^[ab]$": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "additionalProperties": False, "minProperties": 2, "maxProperties": 2}
+    outcomes = [model.generate("JSON:", json_schema=schema, temperature=1.0, seed=seed, max_new_tokens=40)
+                for seed in range(20)]
+    for done in outcomes:
+        if done.valid:
+            jsonschema.validate(json.loads(done.text), schema)
+    assert any(done.finish_reason == "eos" and not done.valid for done in outcomes)  # repeats were made and caught
+
+
 @pytest.mark.parametrize("kwargs, says", [
     (dict(json_schema={"type": "nonsense"}), "Invalid type"),
     (dict(json_schema="{not json"), "not valid JSON"),
@@ -99,6 +128,7 @@ def test_a_cut_off_answer_is_reported_incomplete_never_as_valid(model):
     (dict(grammar='start: "\udcff"'), "grammar is not valid Unicode text"),
     (dict(regex="[^\\x00-\\U0010ffff]"), "no text satisfies this constraint"),  # was "" and valid
     (dict(grammar="start: a\na: a"), "no text satisfies this constraint"),
+    (dict(json_schema=False), "the JSON schema false admits no value"),
 ])
 def test_a_schema_that_cannot_be_used_is_one_error_before_any_generation(kwargs, says, model):
     cached = list(model._cached_ids)
@@ -154,8 +184,14 @@ def objects(children):
             lambda req: {"type": "object", "properties": props, "required": req, "additionalProperties": False}))
 
 
+def keyed_by_pattern(children):  # keys the schema does not name, which the model may repeat
+    return st.tuples(children, st.integers(0, 2)).map(lambda c: {
+        "type": "object", "patternProperties": {"^[ab]$": c[0]}, "additionalProperties": False,
+        "minProperties": c[1], "maxProperties": 2})
+
+
 SCHEMA = st.recursive(LEAVES, lambda children: st.one_of(
-    objects(children),
+    objects(children), keyed_by_pattern(children),
     children.map(lambda item: {"type": "array", "items": item, "maxItems": 3})), max_leaves=6)
 
 
@@ -173,7 +209,7 @@ def test_any_schema_of_this_kind_gives_valid_json_or_says_it_is_incomplete(schem
     if done.valid:
         jsonschema.validate(json.loads(done.text), schema)
     else:
-        assert done.finish_reason in ("length", "context")
+        assert done.finish_reason in ("length", "context") or repeats_a_key(done.text)
 
 
 def test_a_stop_string_that_cuts_a_constrained_answer_leaves_it_invalid(model):
@@ -193,7 +229,7 @@ def test_command_line_constrains_and_says_when_the_answer_is_cut(tiny_bundle, tm
     assert r.returncode == 0, r.stderr
     jsonschema.validate(json.loads(r.stdout), ARM)
     r = edgekit("generate", tiny_bundle, "The robot", "--json-schema", tmp_path / "arm.json", "--max-new-tokens", "3")
-    assert r.returncode == 3 and "the answer is incomplete (length)" in r.stderr
+    assert r.returncode == 3 and "does not follow the schema or grammar: cut at --max-new-tokens" in r.stderr
     (tmp_path / "bad.json").write_text('{"type": "nonsense"}')
     assert_one_line_error(edgekit("generate", tiny_bundle, "x", "--json-schema", tmp_path / "bad.json"),
                           "Invalid type")

@@ -258,6 +258,40 @@ def tiny_tokenizer(tiny_bundle):
     return Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))
 
 
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer():
+    """Llama 2's and Mistral's layout: "▁" for a space, byte fallback, a decoder that strips the first space."""
+    import pydoc_data.topics
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator(list(pydoc_data.topics.topics.values())[:40], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]))
+    return tok
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=st.lists(st.integers(3, 599), min_size=1, max_size=30), cuts=st.lists(st.integers(1, 4), max_size=30))
+def test_the_text_of_generated_tokens_keeps_their_first_space(ids, cuts, sentencepiece_tokenizer):
+    """The text a grammar checked: decode() alone would drop a space the model (or a regex) put first."""
+    from edgekit.device.generate import Detokenizer
+
+    tok = sentencepiece_tokenizer
+    d, i, text = Detokenizer(tok), 0, ""
+    for n in cuts + [len(ids)]:
+        if i >= len(ids):
+            break
+        text = d.add(ids[i:i + n])
+        i += n
+    anchor = tok.encode("a", add_special_tokens=False).ids
+    assert text == tok.decode(anchor + ids)[len(tok.decode(anchor)):]
+    assert Detokenizer(tok).add(tok.encode("The", add_special_tokens=False).ids) == " The"  # ▁ T h e
+
+
 def test_an_ngram_index_drafts_what_followed_the_longest_earlier_suffix():
     from edgekit.device.lookup import NgramIndex
 

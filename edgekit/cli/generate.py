@@ -7,7 +7,7 @@ import json
 import sys
 
 from edgekit.cli import THREADS_DEFAULT
-from edgekit.errors import UserError
+from edgekit.errors import EdgekitError, UserError
 
 
 def register(sub) -> None:
@@ -79,10 +79,18 @@ def _run_generate(args) -> int:
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                           logit_bias=_logit_bias(args.logit_bias), top_logprobs=args.logprobs,
                           prompt_lookup=args.prompt_lookup, **constraint)
-    for piece in stream:
-        if not args.tools:  # a tool call is printed whole once parsed
-            sys.stdout.write(piece)
+    printed = False
+    try:
+        for piece in stream:
+            if not args.tools:  # a tool call is printed whole once parsed
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                printed = printed or bool(piece)
+    except EdgekitError:
+        if printed:  # the error goes on a line of its own, not after the partial answer
+            sys.stdout.write("\n")
             sys.stdout.flush()
+        raise
     done = stream.completion
     assert done is not None  # set once the stream is iterated to its end
     if args.tools:
@@ -96,8 +104,9 @@ def _run_generate(args) -> int:
     for entry in done.logprobs or []:
         print(json.dumps(entry, ensure_ascii=False), file=sys.stderr)
     if done.valid is False:
-        print(f"edgekit generate: the answer is incomplete ({done.finish_reason}): it does not yet follow the "
-              "schema or grammar; raise --max-new-tokens", file=sys.stderr)
+        why = {"length": "cut at --max-new-tokens (raise it)", "context": "cut at the context length",
+               "stop": "cut by a --stop string"}.get(done.finish_reason, "its JSON names a key twice")
+        print(f"edgekit generate: the answer does not follow the schema or grammar: {why}", file=sys.stderr)
     if args.stats:
         print(f"[{done.finish_reason}] {done.stats.summary()} | {model.provider}", file=sys.stderr)
     return 0 if done.valid is not False else 3

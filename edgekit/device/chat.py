@@ -70,6 +70,9 @@ def _render_jinja(template: str, messages: list[dict], add_generation_prompt: bo
                                          add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.TemplateError as e:  # the template's own raise_exception, or a template bug
         raise ChatFormatError(f"the chat template refuses this conversation: {e}") from None
+    except Exception as e:  # what the template does with a message it did not expect ('...' + None)
+        raise ChatFormatError(f"the chat template cannot render this conversation ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
 
 
 @functools.lru_cache(maxsize=8)

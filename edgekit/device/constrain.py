@@ -74,7 +74,11 @@ def compile_grammar(spec: Spec, tokenizer) -> str:
                 schema = json.loads(schema)
             except (ValueError, RecursionError) as e:  # ValueError: not JSON, or an integer of > 4300 digits
                 raise ConstraintError(f"the JSON schema is not valid JSON ({str(e)[:200]})") from None
-        if not isinstance(schema, (dict, bool)):
+        if schema is False:
+            raise ConstraintError("the JSON schema false admits no value: no text satisfies it")
+        if schema is True:  # JSON Schema's "anything": any JSON value
+            schema = {}
+        if not isinstance(schema, dict):
             raise ConstraintError("a JSON schema must be a JSON object")
         try:
             text = json.dumps(schema)
@@ -103,11 +107,13 @@ def compile_grammar(spec: Spec, tokenizer) -> str:
 class Constraint:
     """One generation's grammar state: which tokens may come next, and which are forced."""
 
-    def __init__(self, tokenizer, grammar: str):
+    def __init__(self, tokenizer, grammar: str, json_text: bool = False):
+        """`json_text`: the whole output is one JSON value (a schema's, a tool call), see `valid`."""
         from llguidance import LLMatcher
         from llguidance.numpy import allocate_token_bitmask
 
         self.tokenizer = tokenizer
+        self.json_text = json_text
         self.matcher = LLMatcher(tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
             raise ConstraintError(f"the grammar cannot start: {_why(self.matcher)}")
@@ -176,10 +182,32 @@ class Constraint:
         """The output is complete: nothing but EOS may follow."""
         return self.matcher.is_stopped() and not self.matcher.is_error()
 
-    @property
-    def accepting(self) -> bool:
-        """What was generated so far is a whole sentence of the grammar."""
-        return self.matcher.is_accepting()
+    def valid(self, text: str, finish_reason: str) -> bool:
+        """Whether `text`, generated under this constraint and ended for `finish_reason`, is a whole
+        answer that follows it. A text the grammar accepts but that a limit cut ('12' of '1234567')
+        is not; nor is JSON that repeats a key (llguidance tracks only the properties a schema names,
+        so {"a":1,"a":2} passes patternProperties and minProperties 2; json.loads keeps one)."""
+        whole = finish_reason == "eos" or finish_reason != "stop" and self.finished  # "stop": the text was cut
+        return whole and not (self.json_text and repeats_a_key(text))
+
+
+def repeats_a_key(text: str) -> bool:
+    """Whether the JSON `text` has an object that names a key twice."""
+    class Repeated(Exception):
+        pass
+
+    def pairs(items: list[tuple[str, Any]]) -> dict:
+        if len({k for k, _ in items}) < len(items):
+            raise Repeated
+        return dict(items)
+
+    try:
+        json.loads(text, object_pairs_hook=pairs)
+    except Repeated:
+        return True
+    except (ValueError, RecursionError):  # not JSON (an answer in words), or beyond what Python parses
+        pass
+    return False
 
 
 def _why(matcher) -> str:

@@ -60,11 +60,15 @@ class Detokenizer:
     output every token costs more the longer it gets).
 
     A token's text can depend on the tokens before it (a leading space, a multi-byte character split
-    over tokens), so each step decodes from a few tokens back and keeps what that adds.
+    over tokens), so each step decodes from a few tokens back and keeps what that adds. Each decode
+    starts with an anchor ("a"): a SentencePiece decoder strips the first space of what it decodes,
+    so "▁The" alone is "The" where the text the model (and a grammar) wrote is " The".
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
+        anchor = tokenizer.encode("a", add_special_tokens=False).ids[-1:]
+        self.anchor = anchor if tokenizer.decode(anchor) == "a" else []
         self.tokens: list[int] = []
         self.text = ""
         self.prefix = 0  # tokens before this are settled; decoding starts here
@@ -73,8 +77,8 @@ class Detokenizer:
     def add(self, tokens: list[int]) -> str:
         self.tokens += tokens
         decode = self.tokenizer.decode
-        before = decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
-        after = decode(self.tokens[self.prefix:], skip_special_tokens=True)
+        before = decode(self.anchor + self.tokens[self.prefix:self.read], skip_special_tokens=True)
+        after = decode(self.anchor + self.tokens[self.prefix:], skip_special_tokens=True)
         if after.endswith("\ufffd"):  # an unfinished UTF-8 sequence: show it, settle it later
             return self.text + after[len(before):]
         self.text += after[len(before):]
@@ -131,8 +135,9 @@ class Completion:
     # "eos" | "stop" (a stop string) | "length" (max_new_tokens) | "context" (cache full) | Stream.stop's reason
     finish_reason: str
     stats: Stats
-    # constrained generation: whether the text is a whole sentence of the schema or grammar (False when
-    # max_new_tokens, the context or a stop cut it short: then it must not be used as if it were valid)
+    # constrained generation: whether the text is a whole answer that follows the schema or grammar (False
+    # when max_new_tokens, the context or a stop cut it short, or JSON repeats a key: then it must not be
+    # used as if it were valid; Constraint.valid)
     valid: bool | None = None
     # with tools: the calls the model made, OpenAI-shaped (device/tools.py); finish_reason "tool_calls"
     tool_calls: list[dict] | None = None
@@ -392,20 +397,26 @@ class Model:
             return self.tokenizer.encode(_valid_text(prompt)).ids
         if not isinstance(prompt, (list, tuple)):
             raise InputError(f"the prompt must be text or a list of chat messages, got {type(prompt).__name__}")
-        if self.manifest.chat is None:
+        chat = self.manifest.chat
+        if chat is None:
             raise chat_format.ChatFormatError("this bundle's model has no chat template; pass a plain prompt "
                                               "(or export it with --chat-template)")
         messages = list(prompt)
-        if tools and self.chat_template is not None and "tools" not in self.chat_template:
-            chat_format.check_messages(messages)  # the template cannot list the tools: a system message does
-            system = tool_calls.instructions(tools)
-            if messages[0]["role"] == "system":
-                messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + system}
-            else:
-                messages.insert(0, {"role": "system", "content": system})
-            tools = None
-        text = chat_format.render(self.manifest.chat, messages, add_generation_prompt=True,
-                                  template=self.chat_template, tools=tools, **(chat_template_kwargs or {}))
+        chat_format.check_messages(messages)
+        knows_tools = self.chat_template is None or "tools" in self.chat_template  # None: edgekit 0.1 refuses tools
+        messages = tool_calls.earlier_calls(messages, knows_tools)
+
+        def render(messages: list[dict], tools: list[dict] | None) -> str:
+            return chat_format.render(chat, messages, add_generation_prompt=True,
+                                      template=self.chat_template, tools=tools, **(chat_template_kwargs or {}))
+
+        if tools and not knows_tools:  # the template cannot list the tools: a system message tells them
+            try:
+                text = render(tool_calls.told(messages, tools, "system"), None)
+            except chat_format.ChatFormatError:  # a template with no system role: the first user message
+                text = render(tool_calls.told(messages, tools, "user"), None)
+        else:
+            text = render(messages, tools)
         return self.tokenizer.encode(_valid_text(text), add_special_tokens=False).ids
 
     def stream(
@@ -487,7 +498,7 @@ class Model:
         if prompt_lookup is not None and not isinstance(prompt_lookup, bool):
             raise InputError(f"prompt_lookup must be True, False or None, got {show_value(prompt_lookup)}")
         constraint = None if spec is None else Constraint(self.guide_tokenizer, compile_grammar(
-            spec, self.guide_tokenizer))
+            spec, self.guide_tokenizer), json_text=tools is not None or spec.json_schema is not None)
         stats = Stats()
         t0 = time.perf_counter()
         ids = self.encode(prompt, tools, chat_template_kwargs)
@@ -629,8 +640,7 @@ class Model:
         if len(text) > emitted:
             yield text[emitted:]
         stats.new_tokens = len(out)
-        # a stop string cuts the text, not the tokens the grammar took: cut text is never called valid
-        valid = None if constraint is None else finish != "stop" and (constraint.accepting or constraint.finished)
+        valid = None if constraint is None else constraint.valid(text, finish)
         calls = tool_calls.parse_calls(text) if with_tools and valid else None
         if calls:
             finish = "tool_calls"
