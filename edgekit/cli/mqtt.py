@@ -52,6 +52,8 @@ def register(sub) -> None:
                                    "as it streams in.")
     a.add_argument("message", help="a user message (formatted with the model's chat template), or text with --raw")
     a.add_argument("--device-id", help="ask this device only (default: any device of the fleet)")
+    a.add_argument("--client-id", help="this client's MQTT id, which names its reply topic (default: --username, "
+                                       "as the documented ACL wants; else a random one)")
     _add_broker_args(a)
     a.add_argument("--raw", action="store_true", help="send MESSAGE as a plain prompt, without the chat template")
     a.add_argument("--system", help="a system message")
@@ -133,7 +135,8 @@ def _run_ask(args) -> int:
 
     prompt, settings = _ask_request(args)
     try:
-        client = Client(_broker_config(args), device_id=args.device_id, prefix=args.prefix, timeout=args.timeout)
+        client = Client(_broker_config(args), device_id=args.device_id, prefix=args.prefix, timeout=args.timeout,
+                        client_id=args.client_id or args.username)
     except (ConnectionError, ValueError) as e:
         raise UserError(str(e)) from None
     with client:

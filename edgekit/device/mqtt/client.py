@@ -82,6 +82,9 @@ class Pending:
         self._error: RequestError | None = None
         self._streamed = ""
         self.last_heard = time.monotonic()  # last publish of the request or reply to it
+        self.last_reply = 0.0  # last reply to it, passed on or not (a chunk after a gap counts: the device is at it)
+        self.first_sent: float | None = None  # when it was first published: its expiry counts from then
+        self.lost = False  # the broker lost its session since it was published: the request may be lost too
 
     def __iter__(self) -> Iterator[str]:
         """Text pieces in order; ends when the answer is complete (then see `result()`).
@@ -125,9 +128,9 @@ class Pending:
         self._client._cancel(self)
 
     def _next_reply(self) -> dict:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            left = deadline - time.monotonic()
+        waiting_since = time.monotonic()
+        while True:  # timeout: nothing heard from the device for that long
+            left = max(waiting_since, self.last_reply) + self.timeout - time.monotonic()
             if left <= 0:
                 self._client._forget(self)
                 raise RequestError(proto.TIMEOUT, f"{self._client.silence_reason(self.device_id)}; "
@@ -141,7 +144,7 @@ class Pending:
         """On the network thread: pass a reply on once, in order."""
         if self._final_seen:
             return
-        self.last_heard = time.monotonic()
+        self.last_heard = self.last_reply = time.monotonic()
         if reply["type"] == "chunk":
             if reply.get("seq") != self._next_seq:
                 return  # a repeat (QoS 1 redelivery, a re-sent request) or a gap the final will fill
@@ -271,21 +274,31 @@ class Client:
 
     def _retry_silent(self) -> None:
         """Publish again every request that heard nothing for retry_s (same correlation data:
-        the device answers a repeat from its journal and never generates twice)."""
+        the device answers a repeat from its journal and never generates twice).
+
+        A request to the fleet only when the broker lost its session since: a device may hold it in
+        its queue, silent, and a repeat would go to another device of the share group, which has no
+        journal entry for it and would generate it a second time."""
         now = time.monotonic()
         with self._lock:
-            silent = [p for p in self._pending.values() if now - p.last_heard >= self.retry_s]
+            silent = [p for p in self._pending.values()
+                      if now - p.last_heard >= self.retry_s and (p.device_id is not None or p.lost)]
         for p in silent:  # publish outside the lock
             self._publish_request(p)
 
     def _publish_request(self, pending: Pending) -> None:
-        pending.last_heard = time.monotonic()
+        now = pending.last_heard = time.monotonic()
+        pending.first_sent = pending.first_sent or now
+        pending.lost = False
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.reply_topic
         props.CorrelationData = pending.correlation
         props.ContentType = "application/json"
-        if pending.expiry_s:
-            props.MessageExpiryInterval = pending.expiry_s
+        if pending.expiry_s:  # a repeat expires when the first would have
+            left = pending.expiry_s - int(now - pending.first_sent)
+            if left <= 0:
+                return  # expired: the broker dropped it, the device refuses it; nothing to revive
+            props.MessageExpiryInterval = left
         self.conn.client.publish(pending.topic, pending.payload, qos=1, properties=props)
 
     def _cancel(self, pending: Pending) -> None:
@@ -368,6 +381,7 @@ class Client:
             with self._lock:
                 for p in self._pending.values():
                     p.last_heard -= self.retry_s
+                    p.lost = True
         _, self._sub_mid = client.subscribe([(self.reply_topic, SubscribeOptions(qos=1)),
                                              (self.topics.status("+"), SubscribeOptions(qos=1))])
 

@@ -5,9 +5,14 @@ in flight. The journal keeps, in one sqlite file:
 
     requests  one row per accepted request, keyed by (response topic, correlation data):
               queued -> running -> done (with its final reply, to answer a repeat without
-              generating again)
+              generating again); queued -> cancelled -> done (a cancel survives a restart)
     outbox    final and error replies written before they are published and deleted when
               the broker's PUBACK arrives; what is left after a crash is sent again
+    subscriptions  the topic filters the device subscribed to: its broker session keeps them
+              across restarts, so those the next start no longer wants are unsubscribed
+
+One service uses a journal at a time (`lock()`, a lock file beside it): two services with the
+same device id would answer each other's requests "interrupted".
 
 A request row is committed before the service returns from on_message, which is when
 paho sends the PUBACK: a request the broker considers delivered is always on disk.
@@ -29,6 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 from urllib.parse import quote
 
 from edgekit.errors import EdgekitError
@@ -40,7 +46,7 @@ CREATE TABLE IF NOT EXISTS requests (
     payload BLOB NOT NULL,
     received REAL NOT NULL,       -- unix time
     expires REAL,                 -- unix time from the MQTT message expiry or the deadline, or NULL
-    state TEXT NOT NULL,          -- queued | running | done
+    state TEXT NOT NULL,          -- queued | running | cancelled | done
     final BLOB,                   -- the final reply once done
     PRIMARY KEY (response_topic, correlation)
 );
@@ -49,6 +55,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic TEXT NOT NULL,
     correlation BLOB,
     payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS subscriptions (
+    filter TEXT PRIMARY KEY
 );
 """
 
@@ -172,6 +181,12 @@ class Journal:
             self._db.execute("UPDATE requests SET state = 'running' WHERE response_topic = ? AND correlation = ?",
                              (response_topic, correlation))
 
+    def cancel(self, response_topic: str, correlation: bytes) -> None:
+        """A queued request was cancelled: the next start answers it so, if this one does not."""
+        with self._lock:
+            self._db.execute("UPDATE requests SET state = 'cancelled' WHERE response_topic = ? AND correlation = ? "
+                             "AND state = 'queued'", (response_topic, correlation))
+
     def finish(self, response_topic: str, correlation: bytes, final: bytes) -> int:
         """Mark a request done and put its final reply in the outbox, in one transaction.
 
@@ -231,6 +246,41 @@ class Journal:
             rows = self._db.execute("SELECT id, topic, correlation, payload FROM outbox ORDER BY id").fetchall()
         return [OutboxReply(*r) for r in rows]
 
+
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    def subscriptions(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT filter FROM subscriptions")}
+
+    def set_subscriptions(self, filters: set[str]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM subscriptions")
+            self._db.executemany("INSERT INTO subscriptions (filter) VALUES (?)", [(f,) for f in sorted(filters)])
+            self._db.execute("COMMIT")
+
+
+def lock(path: str | Path) -> IO:
+    """An exclusive lock on the journal at `path` (the file `path`.lock), held while the returned
+    file is open; JournalError when another service holds it."""
+    import fcntl
+
+    path = Path(path)
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a")
+    except OSError as e:
+        raise JournalError(path, f"{lock_path}: {e.strerror or e}", damaged=False) from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise JournalError(path, "another process uses it: is an `edgekit serve` with the same --device-id "
+                                 "running? Stop it first (or give this one its own --journal)", damaged=False) from None
+    return f
 
 
 def _is_damage(e: sqlite3.Error) -> bool:

@@ -46,7 +46,7 @@ from edgekit.device.constrain import ConstraintError
 from edgekit.device.generate import Completion, ContextLengthError, Model
 from edgekit.device.mqtt import protocol as proto
 from edgekit.device.mqtt.connection import BrokerConfig, connect_failure, make_connection
-from edgekit.device.mqtt.journal import Journal, JournaledRequest, JournalError, OutboxReply, move_aside, salvage
+from edgekit.device.mqtt.journal import Journal, JournaledRequest, JournalError, OutboxReply, lock, move_aside, salvage
 
 log = logging.getLogger("edgekit.mqtt")
 
@@ -97,6 +97,9 @@ class ServiceConfig:
         return state / "edgekit" / f"mqtt-{self.device_id}.sqlite"
 
 
+STOPPED_MID_ANSWER = "the service stopped while generating this answer; send the request again"
+
+
 @dataclass
 class _Job:
     key: tuple[str, bytes]  # (response topic, correlation data): the identity of a request
@@ -145,6 +148,7 @@ class Service:
         self._in_flight: set[tuple[str, bytes]] = set()
         self._cancelled: set[tuple[str, bytes]] = set()
         self._stopping = threading.Event()
+        self._interrupt = threading.Event()  # stop() waited long enough: end the answer being generated
         self.ready = threading.Event()  # connected and subscribed
         self._sub_mid: int | None = None
         self.counts = {"served": 0, "errors": 0, "duplicates": 0, "dropped": 0}
@@ -212,8 +216,7 @@ class Service:
             log.warning("not resuming a journaled request for %s: %s", proto.show(r.response_topic), problem)
             self.journal.drop(*key)
         elif r.state == "running":
-            self._finish_error(key, proto.INTERRUPTED,
-                               "the service stopped while generating this answer; send the request again")
+            self._finish_error(key, proto.INTERRUPTED, STOPPED_MID_ANSWER)
         elif r.expires is not None and time.time() >= float(r.expires):
             self._finish_error(key, proto.EXPIRED, "the request expired while the service was down")
         else:
@@ -225,6 +228,8 @@ class Service:
                 return
             with self._lock:
                 self._in_flight.add(key)
+                if r.state == "cancelled":  # cancelled while queued, before the last stop: answered so
+                    self._cancelled.add(key)
             self._jobs.put(_Job(key, request, float(r.received), None if r.expires is None else float(r.expires)))
 
     def _give_up_on(self, r: JournaledRequest, reason: str) -> None:
@@ -245,6 +250,7 @@ class Service:
         not done, and sends again the intact replies it had not delivered.
         """
         path = self.config.journal_path()
+        self._journal_lock = lock(path)  # first: a second service with this device id stops here
         try:
             return Journal(path)
         except JournalError as e:
@@ -276,22 +282,27 @@ class Service:
         return journal
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the request being generated (up to `timeout`), leave queued ones in the
-        journal for the next start, publish the offline status and disconnect."""
+        """Finish the request being generated (up to `timeout`, then it is answered "interrupted"),
+        leave queued ones in the journal for the next start, publish the offline status and disconnect."""
         if self._stopping.is_set():
             return
         self._stopping.set()
         if not self._worker.is_alive():  # never started
             self.journal.close()
+            self._journal_lock.close()
             return
         self._jobs.put(_STOP)
         self._worker.join(timeout)
+        if self._worker.is_alive():  # a long answer: end it at its next token (a process must not exit under
+            self._interrupt.set()    # onnxruntime's threads: that aborts it, SIGABRT instead of a clean stop)
+            self._worker.join()
         self._out.put(_Outgoing(self.topics.status(self.device_id), proto.status(self.device_id, online=False),
                                 retain=True))
         self._out.put(_STOP)
         self._sender.join(timeout)
         self.conn.stop()
         self.journal.close()
+        self._journal_lock.close()
 
     def run_forever(self) -> None:
         """Serve until SIGINT or SIGTERM (the CLI and systemd use this)."""
@@ -313,11 +324,20 @@ class Service:
             return
         log.info("connected (session present: %s)", flags.session_present)
         # Subscribing again is harmless when the broker kept the session, and needed when it
-        # did not (a broker restarted without persistence).
-        subs = [(self.topics.device_requests(self.device_id), SubscribeOptions(qos=1)),
+        # did not (a broker restarted without persistence). Requests retained on the broker are not
+        # wanted (retainHandling 2): one would be run again at every connect.
+        requests = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        subs = [(self.topics.device_requests(self.device_id), requests),
                 (self.topics.cancel, SubscribeOptions(qos=1))]
         if self.config.group:
-            subs.append((self.topics.shared_subscription(self.config.group), SubscribeOptions(qos=1)))
+            subs.append((self.topics.shared_subscription(self.config.group), requests))
+        # the broker keeps a session's subscriptions across restarts: those of an earlier --group or
+        # --prefix would still bring requests
+        filters = {topic for topic, _ in subs}
+        stale = self.journal.subscriptions() - filters
+        if stale:
+            client.unsubscribe(sorted(stale))
+        self.journal.set_subscriptions(filters)
         _, self._sub_mid = client.subscribe(subs)
         m = self.model.manifest
         self._out.put(_Outgoing(self.topics.status(self.device_id), proto.status(
@@ -355,8 +375,14 @@ class Service:
         try:
             if msg.topic == self.topics.cancel:
                 self._handle_cancel(msg)
-            else:
+            elif msg.retain:  # a retained request, replayed by the broker to every new subscription
+                self.counts["dropped"] += 1
+                log.warning("ignored a retained request on %s: publish requests without retain", msg.topic)
+            elif msg.topic in self._request_topics():
                 self._handle_request(msg)
+            else:  # a subscription of an earlier --group or --prefix, until the broker drops it
+                self.counts["dropped"] += 1
+                log.warning("ignored a message on %s, which this service does not serve", proto.show(msg.topic))
         except Exception:
             log.exception("could not handle a message on %s", proto.show(msg.topic))
 
@@ -450,8 +476,15 @@ class Service:
             return
         key = (key[0], bytes(key[1]))
         with self._lock:
-            if key in self._in_flight:  # requests served elsewhere, or already done, are not ours to cancel
-                self._cancelled.add(key)
+            if key not in self._in_flight:  # requests served elsewhere, or already done, are not ours to cancel
+                return
+            self._cancelled.add(key)
+        self.journal.cancel(*key)  # a queued one stays cancelled across a restart
+
+    def _request_topics(self) -> tuple[str, ...]:
+        """The topics requests to this service arrive on (a shared subscription's without its $share/)."""
+        own = self.topics.device_requests(self.device_id)
+        return (own, self.topics.fleet_requests) if self.config.group else (own,)
 
     # -- worker thread: owns the model --------------------------------------------------
 
@@ -507,8 +540,12 @@ class Service:
                         stream.stop("cancelled")
                     elif time.time() >= cutoff:
                         stream.stop("deadline")
+                    elif self._interrupt.is_set():
+                        stream.stop("interrupted")
         except ConstraintError as e:  # a grammar with a dead end part-way (the first step's is refused above)
             return self._finish_error(key, proto.SCHEMA, str(e))
+        if stream.stop_reason == "interrupted":
+            return self._finish_error(key, proto.INTERRUPTED, STOPPED_MID_ANSWER)
         self._finish_done(job, started, stream.completion, chunks)
 
     def _is_cancelled(self, key) -> bool:
