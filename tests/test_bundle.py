@@ -227,3 +227,24 @@ def test_settings_out_of_range_are_refused(tiny_bundle):
             Model(tiny_bundle, threads=threads)
     with pytest.raises(ValueError, match="context_length must be a whole number >= 2"):
         Model(tiny_bundle, context_length=0)
+
+
+def test_sampling_the_model_config_leaves_out_takes_transformers_defaults(tiny_folder, tmp_path):
+    """Llama 3.2 Instruct's generation_config names temperature and top_p, not top_k: transformers'
+    generate() then samples with top_k 50, so the bundle does too."""
+    from edgekit.host import export
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps(
+        {**config, "do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 77}))
+    generation = Model(export(folder, tmp_path / "b", progress=lambda _: None)).manifest.generation
+    assert (generation.temperature, generation.top_k, generation.top_p, generation.max_new_tokens) == \
+        (0.6, 50, 0.9, 77)
+
+
+def test_a_finished_stream_read_again_keeps_its_completion(tiny_bundle):
+    stream = Model(tiny_bundle).stream("Robots", max_new_tokens=3, temperature=0)
+    text = "".join(stream)
+    assert list(stream) == [] and stream.completion is not None and stream.completion.text == text

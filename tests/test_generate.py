@@ -341,6 +341,20 @@ def test_prompt_lookup_saves_runs_when_the_answer_repeats(model):
     assert done.stats.accepted_tokens > 30 and len(done.stats.decode_s) < 90
 
 
+@pytest.mark.slow
+def test_a_stop_string_inside_a_draft_ends_the_tokens_where_one_at_a_time_would(smollm2_bundle):
+    """SmolLM2 copies a repeated sentence, whole drafts at a time: a stop inside one cut the text, but the
+    tokens (and the usage) ran on to the draft's end (7 tokens for 5 at "fox")."""
+    model = Model(smollm2_bundle, threads=1)
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    for stop in ["fox", "lazy", "brown fox jumps", "dog."]:
+        plain = model.generate(prompt, max_new_tokens=40, temperature=0, stop=[stop], prompt_lookup=False)
+        fast = model.generate(prompt, max_new_tokens=40, temperature=0, stop=[stop])
+        assert fast.stats.accepted_tokens > 0
+        assert (fast.token_ids, fast.text, fast.stats.new_tokens) == \
+            (plain.token_ids, plain.text, plain.stats.new_tokens), stop
+
+
 @settings(max_examples=25, deadline=None)
 @given(words=st.lists(st.sampled_from(["arm", "red", "cube", "the", "on", "shelf", "stop", ".", ","]),
                       min_size=1, max_size=30),

@@ -52,7 +52,7 @@ def test_seeded_samples_follow_the_distribution():
 
 
 @pytest.mark.parametrize("setting, value, says", [
-    ("temperature", float("nan"), "temperature must be 0 (greedy) or a number from 0.01 to 100, got nan"),
+    ("temperature", float("nan"), "temperature must be 0 (greedy) or a number from 0.0001 to 100, got nan"),
     ("temperature", float("inf"), "temperature must be 0 (greedy)"),
     ("temperature", 1e-300, "got 1e-300"),  # logits / 1e-300 overflow float32: NaN probabilities
     ("temperature", -0.5, "temperature must be"),
@@ -160,3 +160,9 @@ def test_distribution_is_the_head_of_a_full_sort(seed, vocab, scale, temperature
     keep = want > 0
     assert ids.tolist() == order[keep].tolist()
     np.testing.assert_allclose(probs, want[keep], rtol=1e-5, atol=1e-7)
+
+
+def test_an_almost_greedy_temperature_samples_the_argmax_without_overflow():
+    logits = np.array([30.0, 29.99, -50.0, 12.0], np.float32)  # real logits' range; 1e-4 scales them to 3e5
+    rng = np.random.default_rng(0)
+    assert {sample(logits, SamplingConfig(temperature=1e-4), rng, np.empty(0, np.int64)) for _ in range(50)} == {0}

@@ -84,7 +84,7 @@ def _generate(bundle, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args, says", [
-    (["hi", "--temperature", "nan"], b"temperature must be 0 (greedy) or a number from 0.01 to 100, got nan"),
+    (["hi", "--temperature", "nan"], b"temperature must be 0 (greedy) or a number from 0.0001 to 100, got nan"),
     (["hi", "--temperature", "1e-300"], b"temperature must be"),
     (["hi", "--top-p", "inf"], b"top_p must be"),
     (["hi", "--repetition-penalty", "nan"], b"repetition_penalty must be"),

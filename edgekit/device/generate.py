@@ -86,6 +86,15 @@ class Detokenizer:
         return self.text
 
 
+def _tokens_holding(tokenizer: Tokenizer, tokens: list[int], start: int, stops: list[str]) -> int:
+    """The fewest of `tokens` (more than `start`) whose text holds one of `stops`."""
+    for n in range(start + 1, len(tokens)):
+        text = Detokenizer(tokenizer).add(tokens[:n])
+        if any(s in text for s in stops):
+            return n
+    return len(tokens)
+
+
 class ContextLengthError(InputError):
     """The prompt does not fit in the bundle's context length."""
 
@@ -154,7 +163,9 @@ class Stream:
         self._steps = steps(self)
 
     def __iter__(self) -> Iterator[str]:
-        self.completion = yield from self._steps
+        completion = yield from self._steps
+        if self.completion is None:  # a second iteration of a finished stream yields nothing and keeps it
+            self.completion = completion
 
     def stop(self, reason: str = "stopped") -> None:
         """End generation after the current token (e.g. a cancelled request or a passed deadline).
@@ -599,6 +610,10 @@ class Model:
             if cut >= 0:
                 text = text[:cut]
                 finish = "stop"
+                if len(feed) > 1:  # a draft (or forced tokens) past the stop: keep what one at a time would
+                    del out[_tokens_holding(self.tokenizer, out, len(out) - len(feed), stop):]
+                    if logprobs is not None:
+                        del logprobs[len(out):]
                 break
             # hold back what may start a stop string, before an incomplete UTF-8 sequence (which waits too)
             ready = len(text) - hold - int(text.endswith("\ufffd"))

@@ -19,8 +19,10 @@ from edgekit.errors import InputError
 
 # The accepted values of each setting, in one place: the CLI, the Python API and MQTT requests all
 # meet them here. Logits are float32: a temperature or a penalty far from 1 scales them past
-# float32's range (inf - inf gives NaN probabilities), so both stay within a factor of 100 of 1.
-TEMPERATURE_RANGE = (0.01, 100.0)  # or exactly 0: greedy
+# float32's range (inf - inf gives NaN probabilities). A temperature of 1e-4 scales logits of
+# hundreds to millions, far inside it ("almost greedy", as transformers takes it); a penalty
+# stays within a factor of 100 of 1.
+TEMPERATURE_RANGE = (1e-4, 100.0)  # or exactly 0: greedy
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 ALLOWED = {
     "temperature": f"0 (greedy) or a number from {TEMPERATURE_RANGE[0]:g} to {TEMPERATURE_RANGE[1]:g}",

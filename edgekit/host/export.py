@@ -167,11 +167,14 @@ def generation_defaults(loaded: LoadedModel) -> Generation:
     defaults = Generation(
         eos_token_ids=eos_ids,
         bos_token_id=loaded.tokenizer.bos_token_id,
-        temperature=float(gc.temperature or 1.0) if sampling else 0.0,
-        top_k=int(gc.top_k or 0) if sampling else 0,
-        top_p=float(gc.top_p or 1.0) if sampling else 1.0,
+        # a setting the config leaves out takes transformers' default (top_k 50), as its generate() does
+        temperature=float(1.0 if gc.temperature is None else gc.temperature) if sampling else 0.0,
+        top_k=int(50 if gc.top_k is None else gc.top_k) if sampling else 0,
+        top_p=float(1.0 if gc.top_p is None else gc.top_p) if sampling else 1.0,
         min_p=float(gc.min_p or 0.0) if sampling else 0.0,
         repetition_penalty=float(gc.repetition_penalty or 1.0),
+        **({"max_new_tokens": int(gc.max_new_tokens)} if isinstance(gc.max_new_tokens, int)
+           and gc.max_new_tokens > 0 else {}),
     )
     return replace(defaults, **shipped.generation) if shipped is not None else defaults
 
