@@ -173,9 +173,9 @@ def generation_defaults(loaded: LoadedModel) -> Generation:
         top_p=float(1.0 if gc.top_p is None else gc.top_p) if sampling else 1.0,
         min_p=float(gc.min_p or 0.0) if sampling else 0.0,
         repetition_penalty=float(gc.repetition_penalty or 1.0),
-        **({"max_new_tokens": int(gc.max_new_tokens)} if isinstance(gc.max_new_tokens, int)
-           and gc.max_new_tokens > 0 else {}),
     )
+    if isinstance(gc.max_new_tokens, int) and gc.max_new_tokens > 0:
+        defaults = replace(defaults, max_new_tokens=gc.max_new_tokens)
     return replace(defaults, **shipped.generation) if shipped is not None else defaults
 
 
