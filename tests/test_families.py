@@ -176,10 +176,10 @@ def test_awq_leaves_relu_channels_the_calibration_never_fed_alone(tiny, smol_tok
     assert quantized_graph_error(tiny("opt")[0], fields, smol_tokenizer, accuracy_level=4) < 0.02
 
 
-@pytest.mark.parametrize("name, method", [("opt", "gptq"), ("mpt", "smoothquant")])
+@pytest.mark.parametrize("name, method", [("opt", "gptq"), ("mpt", "smoothquant"), ("gptj", "awq")])
 def test_calibration_longer_than_transformers_runs_the_model_is_refused_in_one_line(name, method, tiny, tmp_path):
-    """OPT's learned position table and MPT's ALiBi buffer end at 256 positions here: an IndexError or a
-    RuntimeError in the middle of calibrating, before."""
+    """OPT's learned position table, MPT's ALiBi buffer and GPT-J's sin/cos table end at 256 positions
+    here: an IndexError or a RuntimeError in the middle of calibrating, before."""
     with pytest.raises(ExportError, match="calibration samples of 300 tokens .* than the 256 positions"):
         export(tiny(name)[0], tmp_path / "b", ExportOptions(quant=method, calib_samples=2, calib_seq_len=300), **QUIET)
 

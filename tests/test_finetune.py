@@ -6,6 +6,8 @@ import json
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgekit.device import Model
 from edgekit.host import ExportError, ExportOptions, export
@@ -70,6 +72,7 @@ def test_bad_training_data_is_one_line_naming_the_line(line, says, tiny_folder, 
     (dict(threads=-1), "--threads must be from 1 to 1024"), (dict(threads=0), "--threads must be from 1"),
     (dict(lr=1e300), "--lr a positive number up to 1"), (dict(seed=10**23), "--seed must be from 0 to 2**63 - 1"),
     (dict(alpha=0), "--alpha must be a positive number"),  # the adapter would change nothing
+    (dict(max_len=0), "--max-len must be at least 2"),  # was refused after loading the model, as too short
 ])
 def test_settings_out_of_range_are_one_line_before_any_work(options, says, tiny_folder, tmp_path):
     from edgekit.host.finetune import FinetuneOptions
@@ -87,3 +90,38 @@ def test_command_line_trains_with_progress(tiny_folder, tmp_path):
                 "--steps", "3", "--batch-size", "2")
     assert r.returncode == 0, r.stderr
     assert "step 3/3 loss" in r.stderr and (tmp_path / "a" / "adapter_config.json").exists()
+
+
+@settings(max_examples=30, deadline=None)
+@given(texts=st.lists(st.text(st.characters(exclude_categories=["Cs"]), min_size=1), min_size=2, max_size=6),
+       bom=st.booleans())
+def test_any_text_written_as_json_lines_is_read_back_as_written(texts, bom, tmp_path_factory):
+    """U+2028, U+0085 and other line breaks inside strings (json.dumps(ensure_ascii=False) writes them
+    raw) were lines to str.splitlines(); a byte order mark was "not JSON"."""
+    from edgekit.host.finetune import read_examples
+
+    path = tmp_path_factory.mktemp("data") / "d.jsonl"
+    chats = [[{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+             for u, a in zip(texts, texts[1:], strict=False)]
+    path.write_text(("\ufeff" if bom else "") + "\n".join(json.dumps({"messages": c}, ensure_ascii=False)
+                                                          for c in chats), encoding="utf-8")
+    assert [messages for _, messages in read_examples(path)] == chats
+
+
+def test_answers_that_open_with_spaces_and_tool_calls_train_and_too_long_is_one_line(make_tiny, tmp_path):
+    """An answer opening with whitespace merged with the template's "\n" into other tokens and the run
+    stopped, blaming the template; content null with tool_calls (OpenAI's shape) was refused; an example
+    longer than OPT's position table ended in IndexError."""
+    call = {"id": "abcdefghi", "type": "function", "function": {"name": "grip", "arguments": '{"state":"open"}'}}
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": m}) for m in [
+        [{"role": "user", "content": "Say ok"}, {"role": "assistant", "content": "  ok"}],
+        [{"role": "user", "content": "Open it"}, {"role": "assistant", "content": None, "tool_calls": [call]}],
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\n\n{}"}]]))
+    folder, _ = make_tiny("opt", max_position_embeddings=64, ffn_dim=128, word_embed_proj_dim=64)
+    finetune(folder, data, tmp_path / "lora", FinetuneOptions(steps=2, batch_size=2), say=lambda _: None)
+    assert (tmp_path / "lora" / "adapter_config.json").exists()
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 100},
+                                             {"role": "assistant", "content": "ok"}]}))
+    with pytest.raises(ExportError, match=r"--data line 1 is \d+ tokens, more than the model's positions: 64"):
+        finetune(folder, data, tmp_path / "lora2", FinetuneOptions(steps=1, max_len=1000), say=lambda _: None)

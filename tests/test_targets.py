@@ -77,6 +77,16 @@ def test_a_user_adds_a_device_with_a_file(tmp_path, monkeypatch):
     ({"threads": "four"}, "'threads' must be int or null"),
     ({"cpu": {"arch": "arm64", "cores": 4, "isa": []}}, "'cpu.arch' must be one of"),
     ({"ram": 4}, "'ram' is not a profile field"),
+    # accepted, then a traceback after quantizing (8.0 == 8), or nonsense the memory check took as is
+    ({"quantization": {"method": "rtn", "bits": 8.0}}, "'quantization.bits' must be an integer"),
+    ({"quantization": {"method": "rtn", "group_size": 32.0}}, "'quantization.group_size' must be an integer"),
+    ({"quantization": {"method": "rtn", "sym": "no"}}, "'quantization.sym' must be true or false"),
+    ({"quantization": {"method": "rtn", "bitz": 4}}, "'quantization.bitz' is not a quantization field"),
+    ({"quantization": {"method": "none", "bits": 4}}, "'quantization' sets bits with method none"),
+    ({"ram_gb": float("inf")}, "'ram_gb' must be a positive number of GB"),
+    ({"ram_gb": float("nan")}, "'ram_gb' must be a positive number of GB"),
+    ({"os_reserved_gb": -100}, "'os_reserved_gb' must be from 0 to less than ram_gb"),
+    ({"ram_variants_gb": ["a"]}, "'ram_variants_gb' must be a list of positive numbers"),
 ])
 def test_a_malformed_profile_names_the_field(tmp_path, monkeypatch, capsys, changes, field):
     path = _write(tmp_path, "bad", **changes)
@@ -87,6 +97,13 @@ def test_a_malformed_profile_names_the_field(tmp_path, monkeypatch, capsys, chan
     # the CLI prints it as one line, before loading any model
     assert main(["export", "smollm2-135m", "--out", str(tmp_path / "out"), "--target", str(path)]) == 2
     assert field in capsys.readouterr().err
+
+
+def test_a_profile_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    (tmp_path / "latin.json").write_bytes(json.dumps({"name": "latin", "description": "caf\u00e9"}).encode()
+                                          .replace(b"\\u00e9", "\u00e9".encode("latin-1")))
+    assert main(["export", "x", "--out", str(tmp_path / "o"), "--target", str(tmp_path / "latin.json")]) == 2
+    assert "latin.json: not UTF-8 text" in capsys.readouterr().err
 
 
 def test_unknown_target_lists_the_known_ones(capsys):
@@ -106,6 +123,9 @@ def test_target_defaults_apply_where_no_flag_is_given():
     assert planned(target="rpi5") == (rpi5.name, bits, group, False)
     assert plan_export(ExportOptions(target="rpi5")).target["threads"] == 4
     assert planned(target="jetson-orin-nano")[3] is True  # TensorRT wants zero zero-points
+    assert planned(target="jetson-orin-nano", quant="rtn")[3] is True  # whatever the method (was dropped)
+    with pytest.raises(ExportError, match="--fit-context .* add --target"):  # was silently ignored
+        plan_export(ExportOptions(fit_context=True))
     assert planned(target="rpi5", quant="none") is None  # explicit flags win
     assert planned(target="rpi5", quant="rtn") == ("rtn", 4, 128, False)  # the method's own defaults
     assert planned(target="rpi5", bits=8) == ("gptq", 8, 0, False)  # int4-best is 4-bit: the method it is a recipe of
@@ -297,3 +317,11 @@ def test_worker_threads_spin_briefly_unless_the_target_or_caller_says_otherwise(
     manifest["target"]["session_config"] = {"session.intra_op.spin_duration_us": "50"}
     (spins / "edgekit.json").write_text(json.dumps(manifest))
     assert spinning(Model(spins, verify=False)) == ("1", "50")  # the profile's (the hashes cover the other files)
+
+
+def test_check_takes_a_bundle_built_from_a_profile_file_at_its_word(tiny_folder, tmp_path):
+    """Its profile is in no targets folder: the manifest records it (was "unknown target")."""
+    path = _write(tmp_path, "my-board", ram_gb=2, quantization={"method": "none"}, graph_flavour="fused")
+    bundle = export(tiny_folder, tmp_path / "b", ExportOptions(target=str(path)), progress=lambda _: None)
+    verdict = check.check_bundle(bundle)
+    assert verdict.runs and verdict.target["name"] == "my-board" and verdict.target["ram_gb"] == 2

@@ -16,7 +16,9 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="the training examples, JSONL")
     p.add_argument("--out", required=True, help="the adapter folder to write")
     for flag, kind, default, what in (("--steps", int, 200, "optimizer steps"), ("--batch-size", int, 8, "examples "
-                                      "per step"), ("--lr", float, 1e-3, "learning rate"), ("--rank", int, 8,
+                                      "per step"), ("--lr", float, 1e-3, "learning rate, "
+                                      "times a 10-step warm-up and a linear decay to 0 (so with few steps the "
+                                      "peak is lower: 55%% of it at 20 steps, 91%% at 100)"), ("--rank", int, 8,
                                       "LoRA rank"), ("--alpha", int, 16, "LoRA alpha"), ("--max-len", int, 256,
                                       "tokens per example, at most"), ("--seed", int, 0, "seed"),
                                       ("--threads", int, None, "torch threads")):

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgekit.device.bundle import Architecture, read_manifest
-from edgekit.device.targets import TargetError, load_target
+from edgekit.device.targets import TargetError, available_targets, load_target, parse_target
 from edgekit.errors import InputError
 
 log = logging.getLogger("edgekit")
@@ -314,7 +314,13 @@ def check_bundle(bundle: str | Path, target: str | None = None, ram_gb: float | 
     name = target or built_for
     if not name:
         raise TargetError(f"{bundle} records no target; pass --target (see `edgekit targets`)")
-    profile = load_target(name).manifest_dict()
+    if target is None and name not in available_targets():  # built from a profile file: the manifest holds it
+        t = m.target
+        recorded = {**t.extra, "name": t.name, "threads": t.threads, "execution_providers": t.execution_providers,
+                    "session_config": t.session_config, "matmulnbits_accuracy_level": t.matmulnbits_accuracy_level}
+        profile = parse_target(recorded, f"{bundle}'s manifest").manifest_dict()
+    else:
+        profile = load_target(name).manifest_dict()
     arch = m.architecture
     flavour = m.graph.flavour
     ctx = arch.context_length if context_length is None else context_length

@@ -124,8 +124,13 @@ def parse_target(raw: Any, source: str = "<profile>") -> Target:
         raise bad("cpu.isa", "must be a list of ISA feature names, e.g. [\"neon\", \"asimddp\"]")
     if not isinstance(cpu.get("cores"), int) or cpu["cores"] < 1:
         raise bad("cpu.cores", f"must be a positive integer, got {json.dumps(cpu.get('cores'))}")
-    if raw["ram_gb"] <= 0:
-        raise bad("ram_gb", f"must be positive, got {raw['ram_gb']}")
+    if not 0 < raw["ram_gb"] < 1e6:  # NaN and Infinity too (Python's JSON reads them)
+        raise bad("ram_gb", f"must be a positive number of GB, got {raw['ram_gb']}")
+    if not 0 <= raw.get("os_reserved_gb", 0) < raw["ram_gb"]:
+        raise bad("os_reserved_gb", f"must be from 0 to less than ram_gb, got {raw['os_reserved_gb']}")
+    if not all(type(v) in (int, float) and 0 < v < 1e6 for v in raw.get("ram_variants_gb", [])):
+        raise bad("ram_variants_gb", f"must be a list of positive numbers of GB, got "
+                                     f"{json.dumps(raw['ram_variants_gb'])}")
     eps = raw["execution_providers"]
     if not eps or not all(isinstance(e, str) for e in eps):
         raise bad("execution_providers", "must be a non-empty list of onnxruntime provider names")
@@ -135,9 +140,19 @@ def parse_target(raw: Any, source: str = "<profile>") -> Target:
     if raw["graph_flavour"] not in FLAVOURS:
         raise bad("graph_flavour", f"must be one of {', '.join(FLAVOURS)}, got {json.dumps(raw['graph_flavour'])}")
     q = raw["quantization"]
+    extra = sorted(set(q) - {"method", "bits", "group_size", "sym"})
+    if extra:
+        raise bad(f"quantization.{extra[0]}", "is not a quantization field (method, bits, group_size, sym)")
+    for key in ("bits", "group_size"):  # 8.0 == 8 would pass the checks below and fail in the quantizer
+        if key in q and type(q[key]) is not int:
+            raise bad(f"quantization.{key}", f"must be an integer, got {json.dumps(q[key])}")
+    if not isinstance(q.get("sym", False), bool):
+        raise bad("quantization.sym", f"must be true or false, got {json.dumps(q['sym'])}")
     if q.get("method") != "none" and q.get("method") not in METHODS:
         raise bad("quantization.method",
                   f"must be one of none, {', '.join(METHODS)}, got {json.dumps(q.get('method'))}")
+    if q["method"] == "none" and set(q) - {"method"}:
+        raise bad("quantization", f"sets {', '.join(sorted(set(q) - {'method'}))} with method none (nothing to set)")
     if q["method"] != "none":
         method = METHODS[q["method"]]
         bits = q.get("bits", method.bits[0])
@@ -192,9 +207,11 @@ def load_target(spec: str | Path) -> Target:
             )
         path = known[spec]
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except OSError as e:
         raise TargetError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise TargetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise TargetError(f"{path}: not valid JSON ({e})") from None
     target = parse_target(raw, str(path))

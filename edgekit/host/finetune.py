@@ -25,6 +25,7 @@ import torch
 
 from edgekit.device.sampling import is_unicode
 from edgekit.device.threads import MAX_THREADS
+from edgekit.device.tools import earlier_calls
 from edgekit.errors import ExportError
 from edgekit.host.families import family_of
 from edgekit.host.load import load
@@ -45,17 +46,19 @@ class FinetuneOptions:
     threads: int | None = None  # torch threads; None: torch's default
 
 
-def read_examples(path: str | Path) -> list[list[dict]]:
-    """The conversations of a JSONL file; ExportError naming the line of the first bad one."""
+def read_examples(path: str | Path) -> list[tuple[int, list[dict]]]:
+    """The conversations of a JSONL file, each with its line number; ExportError naming the line of
+    the first bad one. An assistant turn may carry OpenAI-shaped tool_calls (and content null)."""
     path = Path(path)
     if not path.is_file():
-        raise ExportError(f"--data {path}: no such file")
+        raise ExportError(f"--data {path}: {'a folder, not a JSONL file' if path.is_dir() else 'no such file'}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows' editors write one) is not JSON
     except (OSError, UnicodeDecodeError) as e:
         raise ExportError(f"--data {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     examples = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # JSON Lines ends a line at "\n" only: str.splitlines() also splits at U+2028, U+0085, ... inside strings
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -64,31 +67,40 @@ def read_examples(path: str | Path) -> list[list[dict]]:
             raise ExportError(f"--data {path}: line {n} is not JSON ({getattr(e, 'msg', None) or e})") from None
         messages = item.get("messages") if isinstance(item, dict) else None
         if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                isinstance(m, dict) and isinstance(m.get("role"), str) and (isinstance(m.get("content"), str) or (
+                    m.get("content") is None and m["role"] == "assistant" and m.get("tool_calls")))
                 for m in messages):
             raise ExportError(f"--data {path}: line {n} needs {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}")
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise ExportError(f"--data {path}: line {n} must end with the assistant's answer (the part learnt), "
                               "after what it answers")
-        if not all(is_unicode(m["content"]) for m in messages):
+        if not all(is_unicode(m["content"] or "") for m in messages):
             raise ExportError(f"--data {path}: line {n} holds a lone surrogate (\\udxxx), which is not text")
-        examples.append(messages)
+        examples.append((n, messages))
     if not examples:
         raise ExportError(f"--data {path}: no examples")
     return examples
 
 
-def encode(tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids of the conversation and its labels: the answer's tokens, IGNORE elsewhere."""
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
-                                           return_dict=True)["input_ids"]
-    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-    if full[:len(prompt)] != prompt:
-        raise ExportError("this model's chat template renders an answer differently from its generation prompt; "
-                          "it cannot be fine-tuned on the answer alone")
-    if len(full) > max_len:
-        raise ExportError(f"an example is {len(full)} tokens, more than --max-len {max_len}; shorten it or raise it")
-    return full, [IGNORE] * len(prompt) + full[len(prompt):]
+def encode(tokenizer, messages: list[dict], max_len: int, where: str = "an example",
+           limit: str = "--max-len") -> tuple[list[int], list[int]]:
+    """Token ids of the conversation and its labels: the answer's tokens, IGNORE elsewhere.
+
+    The prompt and the answer are tokenized apart, as the device does (it encodes the rendered prompt,
+    then generates): tokenized together, "\n" + an answer's leading space can merge into one token.
+    Earlier tool calls become what the template reads (device/tools.py), as on the device."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    messages = earlier_calls(messages, "tools" in template)
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ExportError(f"{where}: this model's chat template renders an answer differently from its generation "
+                          "prompt; it cannot be fine-tuned on the answer alone")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    if len(ids) + len(answer) > max_len:
+        raise ExportError(f"{where} is {len(ids) + len(answer)} tokens, more than {limit} {max_len}; shorten it")
+    return ids + answer, [IGNORE] * len(ids) + answer
 
 
 def finetune(source: str | Path, data: str | Path, out: str | Path, options: FinetuneOptions | None = None,
@@ -103,6 +115,8 @@ def finetune(source: str | Path, data: str | Path, out: str | Path, options: Fin
         raise ExportError(f"--alpha must be a positive number (LoRA's scale is alpha / rank), got {o.alpha}")
     if o.threads is not None and not 1 <= o.threads <= MAX_THREADS:
         raise ExportError(f"--threads must be from 1 to {MAX_THREADS}, got {o.threads}")
+    if o.max_len < 2:
+        raise ExportError(f"--max-len must be at least 2 (a prompt token and an answer token), got {o.max_len}")
     if not 0 <= o.seed < 2**63:
         raise ExportError(f"--seed must be from 0 to 2**63 - 1, got {o.seed}")
     if Path(out).exists() and not Path(out).is_dir():
@@ -117,7 +131,11 @@ def finetune(source: str | Path, data: str | Path, out: str | Path, options: Fin
     tok = loaded.tokenizer
     if not getattr(tok, "chat_template", None):
         raise ExportError(f"{source} has no chat template to render the examples with")
-    encoded = [encode(tok, m, o.max_len) for m in examples]
+    positions = family_of(loaded.model).longest_forward() or getattr(loaded.model.config, "max_position_embeddings",
+                                                                     None)
+    max_len = min(o.max_len, positions) if positions else o.max_len  # past them, transformers' forward fails
+    limit = "the model's positions:" if max_len < o.max_len else "--max-len"
+    encoded = [encode(tok, m, max_len, f"--data line {n}", limit) for n, m in examples]
     targets = sorted({path.rsplit(".", 1)[-1] for path in family_of(loaded.model).linears})
     config = LoraConfig(task_type="CAUSAL_LM", r=o.rank, lora_alpha=o.alpha, lora_dropout=o.dropout,
                         target_modules=targets)

@@ -72,6 +72,9 @@ def flag(option: str) -> str:
 def plan_export(options: ExportOptions) -> ExportPlan:
     """Check `options` and fill in the defaults; ExportError (in the flags' words) for what cannot work."""
     profile = None
+    if options.fit_context and options.target is None:  # it would be silently ignored
+        raise ExportError("--fit-context shrinks the context to fit a target's memory; add --target (see "
+                          "`edgekit targets`)")
     if options.target is not None:
         try:
             profile = load_target(options.target)
@@ -106,6 +109,8 @@ def with_target_defaults(options: ExportOptions, profile: Target) -> ExportOptio
         changes = {k: v for k, v in defaults.items() if k in names and (getattr(options, k) is None or k == "sym")}
     elif options.quant != "none" and defaults["quant"] != "none":
         changes = {k: defaults[k] for k in ("bits", "group_size") if getattr(options, k) is None and k in defaults}
+        if defaults.get("sym"):  # the hardware's need (TensorRT's zero zero-points), whatever the method
+            changes["sym"] = True
     return replace(options, **changes)
 
 

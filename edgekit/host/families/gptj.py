@@ -41,6 +41,9 @@ class GptJ(Llama):
     def hidden_act(config) -> str:
         return config.activation_function
 
+    def longest_forward(self) -> int | None:
+        return self.config.n_positions  # transformers' sin/cos table has this many rows
+
     @property
     def eps(self) -> float:
         return float(self.config.layer_norm_epsilon)

@@ -63,11 +63,11 @@ def calib_file(path: str | Path) -> Path:
 def read_text(path: str | Path) -> str:
     """The text of a .txt file, or the texts of a .jsonl file joined by blank lines."""
     path = calib_file(path)
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    raw = path.read_text(encoding="utf-8-sig", errors="replace")
     if path.suffix.lower() != ".jsonl":
         return raw
     texts = []
-    for n, line in enumerate(raw.splitlines(), 1):
+    for n, line in enumerate(raw.split("\n"), 1):  # JSON Lines: "\n" only (splitlines() splits at U+2028 too)
         if not line.strip():
             continue
         try:
