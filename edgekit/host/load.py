@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def resolve(spec: str | Path) -> Source:
         shipped = ", ".join(SHIPPED)
         raise ExportError(f"{spec}: no such file or folder (and not a shipped model name: {shipped})")
     if path.is_file():
-        if path.suffix != ".gguf":
+        if path.suffix.lower() != ".gguf":
             raise ExportError(f"{spec}: expected a .gguf file or a Hugging Face model folder")
         return Source(spec, path.parent, path.name)
     if not (path / "config.json").is_file():
@@ -82,27 +83,21 @@ def resolve(spec: str | Path) -> Source:
 
 def load(spec: str | Path) -> LoadedModel:
     """Load `spec` as an fp32 model and its tokenizer; refuse architectures we cannot export."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     src = resolve(spec)
     if not src.gguf_file:
         check_reachable(src.folder / "config.json", src.spec)
-    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        folder, kw = src.folder, {}
+        gguf = None
+    else:
+        # the absolute path (transformers looks for a bare name in the working directory first) and an
+        # empty folder beside it (else a tokenizer.json there replaces the GGUF's own): the GGUF alone
+        gguf = read_gguf(src.folder / src.gguf_file, spec)
+        folder, kw = Path(tempfile.mkdtemp(prefix="edgekit-gguf-")), {"gguf_file": str(gguf.path)}
     try:
-        config = AutoConfig.from_pretrained(src.folder, **kw)
-    except Exception as e:  # transformers raises many types for unreadable files
-        what = "GGUF file" if src.gguf_file else "model config"
-        raise ExportError(f"{spec}: cannot read the {what}: {_first_line(e)}") from None
-    from edgekit.host.families import family_class
-
-    family_class(config)  # an unsupported architecture or setting fails before the weights load
-    try:
-        loaded: Any = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch.float32, output_loading_info=True,
-                                                           **kw)
-        model, info = loaded  # (the model, what transformers loaded and did not)
-        tokenizer = AutoTokenizer.from_pretrained(src.folder, **kw)
-    except Exception as e:
-        raise ExportError(f"{spec}: cannot load the weights or tokenizer: {_first_line(e)}") from None
+        model, info, tokenizer = _load_with(folder, kw, gguf, spec)
+    finally:
+        if gguf is not None:
+            folder.rmdir()
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers fills them with random values and only prints a report
         raise ExportError(f"{spec}: the checkpoint has no {missing[0]}" + (f" (and {len(missing) - 1} more weights)"
@@ -111,6 +106,141 @@ def load(spec: str | Path) -> LoadedModel:
         raise ExportError(f"{spec}: the tokenizer has no tokenizer.json (fast) form, which the device needs")
     model.eval()
     return LoadedModel(model, tokenizer, src)
+
+
+def _load_with(folder: Path, kw: dict, gguf: GGUFFacts | None, spec: str | Path) -> tuple[Any, dict, Any]:
+    """transformers' model (fp32), loading info and tokenizer from `folder` (and kw's gguf_file); its
+    multi-line load reports and progress bars are left out: what matters is said in one line here."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return _load_quietly(folder, kw, gguf, spec)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def _load_quietly(folder: Path, kw: dict, gguf: GGUFFacts | None, spec: str | Path) -> tuple[Any, dict, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from edgekit.host.families import family_class
+
+    try:
+        config = AutoConfig.from_pretrained(folder, **kw)
+    except Exception as e:  # transformers raises many types for unreadable files
+        what = "GGUF file" if gguf is not None else "model config"
+        raise ExportError(f"{spec}: cannot read the {what}: {_first_line(e)}") from None
+    family_class(config)  # an unsupported architecture or setting fails before the weights load
+    if gguf is not None:
+        gguf.check_config(config)
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
+                                                           **kw)
+        model, info = loaded  # (the model, what transformers loaded and did not)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+    except Exception as e:
+        why = "a weight's shape does not match the config (a damaged file, or another variant of the " \
+              "architecture)" if "ignore_mismatched_sizes" in str(e) else _first_line(e)
+        raise ExportError(f"{spec}: cannot load the weights or tokenizer: {why}") from None
+    if gguf is not None:
+        gguf.check_model(model)
+    return model, info, tokenizer
+
+
+@dataclass
+class GGUFFacts:
+    """What a GGUF file holds that transformers' GGUF loader may not carry over, read with gguf-py."""
+
+    path: Path
+    spec: str | Path
+    arch: str
+    fields: dict  # metadata key -> value, for the keys checked here
+    elements: int  # weights in all its tensors
+    blocks: int  # layers its tensors are for (blk.N)
+
+    def field(self, key: str):
+        return self.fields.get(key.replace("{arch}", self.arch))
+
+    def check_config(self, config) -> None:
+        """Before the weights are built: the metadata's layer count and rope settings as loaded."""
+        said = self.field("{arch}.block_count")
+        if isinstance(said, int) and said != self.blocks:  # a config of 3,000,000 layers would be built first
+            raise ExportError(f"{self.spec}: the GGUF says {said} layers but holds tensors for {self.blocks}; "
+                              "the file is damaged")
+        scaling = self.field("{arch}.rope.scaling.type")
+        if scaling not in (None, "none"):
+            raise ExportError(f"{self.spec}: the GGUF's rope scaling ({scaling}) is not carried over by "
+                              "transformers' GGUF loader; export the model's Hugging Face folder instead")
+        from edgekit.host.families.llama import rope_parameters
+
+        rope = rope_parameters(config) or {}
+        head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rotary = int(head * float(rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None)
+                                  or 1.0))
+        dims = self.field("{arch}.rope.dimension_count")
+        if isinstance(dims, int) and dims != rotary:
+            raise ExportError(f"{self.spec}: the GGUF rotates {dims} dimensions of each head, but transformers' "
+                              f"GGUF loader reads it as {rotary}; export the model's Hugging Face folder instead")
+        base = self.field("{arch}.rope.freq_base")
+        per_layer_type = [v for v in (getattr(config, "rope_parameters", None) or {}).values() if isinstance(v, dict)]
+        thetas = [t for t in [rope.get("rope_theta")] + [v.get("rope_theta") for v in per_layer_type]
+                  if isinstance(t, (int, float))]  # Gemma 3: the global layers' base is the GGUF's
+        if isinstance(base, float) and thetas and all(abs(base - t) > 1e-6 * base for t in thetas):
+            raise ExportError(f"{self.spec}: the GGUF's rope base {base:g} is read by transformers as "
+                              f"{thetas[0]:g}; export the model's Hugging Face folder instead")
+
+    def check_model(self, model) -> None:
+        """After loading: every weight of the file is in the model (transformers skips tensors it cannot
+        place: biases, rope factor tables, q/k norms), and the GGUF's end-of-turn tokens end generation."""
+        taken = sum(p.numel() for p in model.parameters())
+        if self.elements > taken:
+            raise ExportError(f"{self.spec}: transformers' GGUF loader left out {self.elements - taken} of the "
+                              f"file's {self.elements} weights (tensors it has no place for, such as biases, "
+                              "rope factors or q/k norms), so the model would compute something else; export "
+                              "the model's Hugging Face folder instead")
+        ends = {i for i in (self.field("tokenizer.ggml.eot_token_id"), self.field("tokenizer.ggml.eom_token_id"))
+                if isinstance(i, int)}  # llama.cpp stops at these too (Gemma's <end_of_turn>)
+        eos = model.generation_config.eos_token_id
+        known = set([eos] if isinstance(eos, int) else eos or [])
+        if ends - known:
+            model.generation_config.eos_token_id = sorted(known | ends)
+
+
+def read_gguf(path: Path, spec: str | Path) -> GGUFFacts:
+    """The facts GGUFFacts checks; ExportError when gguf-py cannot read the file."""
+    from gguf import GGUFReader
+
+    path = path.resolve()
+    try:
+        reader = GGUFReader(str(path))
+        fields = {}
+        for key, f in reader.fields.items():
+            if key.startswith(("tokenizer.ggml.eo", "tokenizer.ggml.bos", "tokenizer.ggml.model",
+                               "general.architecture")) or ".rope." in key or key.endswith(".block_count"):
+                value = f.contents()
+                value = value.item() if hasattr(value, "item") else value  # numpy scalars -> int, float
+                fields[key] = float(value) if key.endswith("freq_base") else value
+        arch = fields.get("general.architecture")
+        blocks = {int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+        elements = sum(int(t.n_elements) for t in reader.tensors)
+        tokens = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else 0
+        tables = {"tokenizer.ggml.merges", "tokenizer.ggml.scores"} & set(reader.fields)
+    except Exception as e:  # gguf-py raises ValueError, struct.error, IndexError, ... on damaged files
+        raise ExportError(f"{spec}: not a valid GGUF file: damaged or truncated (gguf-py: {_first_line(e)})") from None
+    if not isinstance(arch, str):
+        raise ExportError(f"{spec}: the GGUF names no architecture (general.architecture)")
+    if not tokens:  # transformers' message was "'tokens'"
+        raise ExportError(f"{spec}: the GGUF holds no tokenizer (tokenizer.ggml.tokens), which the bundle needs")
+    if not tables:  # "'scores'"
+        raise ExportError(f"{spec}: the GGUF's tokenizer has neither merges nor scores (tokenizer.ggml.merges, "
+                          "tokenizer.ggml.scores); the file is incomplete")
+    for key, value in fields.items():  # "list index out of range"
+        if key.endswith("_token_id") and isinstance(value, int) and not 0 <= value < tokens:
+            raise ExportError(f"{spec}: the GGUF's {key} is {value}, past its {tokens} tokens")
+    return GGUFFacts(path, spec, arch, fields, elements, max(blocks) + 1 if blocks else 0)
 
 
 # encoder-decoder model types people reach for as "small instruction models"
