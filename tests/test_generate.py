@@ -436,3 +436,26 @@ def test_the_cache_takes_memory_only_for_the_positions_written(long_context_bund
     resident = sum(m.kb["Rss"] * 1024 for m in inside)
     assert mapped >= end - start  # (2 layers x key, value, 2 kv heads x 1024 positions x 16 floats): 0.5 MB
     assert resident <= (end - start) // 8  # a few positions written: a few pages of each buffer
+
+
+@pytest.fixture(scope="module")
+def int8_compute_bundle(tiny_folder, tmp_path_factory):
+    """int4 weights at MatMulNBits accuracy_level 4 (int8 dot products): what quantized targets get."""
+    from edgekit.host import ExportOptions, export
+
+    return export(tiny_folder, tmp_path_factory.mktemp("int4"), ExportOptions(quant="rtn", bits=4),
+                  progress=lambda _: None)
+
+
+def test_the_prefix_cache_gives_a_fresh_models_logits_under_int8_compute(int8_compute_bundle):
+    """Reused rows computed at other offsets in the kernel's row tiles (or a one-row run) gave other
+    logits: the same greedy request answered differently after another one."""
+    model = Model(int8_compute_bundle)
+    assert not model.exact_multi_token_runs
+    prompts = [[1, *range(300, 300 + n)] for n in (37, 30, 41, 38, 38, 12)]  # shared prefixes, a repeat
+    prompts += [[1, *range(300, 320), 999, 998], [1, *range(300, 320), 999]]
+    for ids in prompts:
+        cached, reused = model.prefill(ids)
+        fresh, _ = Model(int8_compute_bundle).prefill(ids)
+        assert np.array_equal(cached, fresh), (len(ids), reused)
+    assert reused > 0  # the cache was used

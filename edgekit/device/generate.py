@@ -95,6 +95,11 @@ def _tokens_holding(tokenizer: Tokenizer, tokens: list[int], start: int, stops: 
     return len(tokens)
 
 
+# rows onnxruntime's int8-compute MatMulNBits kernels take together (2 on x86 AVX2, measured; 4 covers
+# kernels that take 4, a multiple of 2)
+ROW_TILE = 4
+
+
 class ContextLengthError(InputError):
     """The prompt does not fit in the bundle's context length."""
 
@@ -240,6 +245,7 @@ class Model:
         self._kv = kv_cache.for_graph(self.manifest.graph.flavour, self.session, buffers, arch.vocab_size)
         self.prefix_length = self._load_prefix()
         self._cached_ids: list[int] = []  # tokens whose keys/values are in the cache, in order
+        self._whole_tiles = 0  # int8 compute: cached rows a prefill computed in whole row tiles (see prefill)
         self._runs = 0  # runs that wrote the cache (and resets): how a stream sees another request come between
         release_load_memory(self.path / "model.onnx.data")  # 12-15 MB of a 230 MB int4 process (session.py)
 
@@ -330,8 +336,16 @@ class Model:
         limit = min(len(self._cached_ids), len(ids) - 1)  # feed at least one token to get logits
         while reuse < limit and self._cached_ids[reuse] == ids[reuse]:
             reuse += 1
+        if not self.exact_multi_token_runs:
+            # int8 compute: a row's result depends on where it falls in the kernel's tile of rows, and a
+            # one-row run takes another kernel. Reuse only rows a run computed in whole tiles at the
+            # offsets a whole-prompt run has, and feed at least two: the logits are then a fresh Model's
+            # (SmolLM2 int4: apart by up to 1.14 otherwise, and 8 of 12 greedy chat answers changed)
+            reuse = min(reuse, self._whole_tiles, len(ids) - 2)
+            reuse = max(0, reuse - reuse % ROW_TILE)
         logits = self.forward(ids[reuse:], reuse)[-1]
         self._cached_ids = list(ids)
+        self._whole_tiles = len(ids) - len(ids) % ROW_TILE
         return logits, reuse
 
     def _check_fits(self, prompt_tokens: int) -> None:
