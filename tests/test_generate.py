@@ -240,15 +240,20 @@ def test_invalid_sampling_settings_are_refused(model):
 @given(ids=st.lists(st.integers(0, 49151), min_size=1, max_size=40), cuts=st.lists(st.integers(1, 4), max_size=40))
 def test_incremental_detokenizing_gives_the_whole_decode(ids, cuts, tiny_tokenizer):
     """Any tokens (split multi-byte characters, special tokens, leading spaces), fed in any chunks."""
+    assert detokenized(tiny_tokenizer, ids, cuts) == tiny_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def detokenized(tokenizer, ids: list[int], cuts: list[int]) -> str:
+    """The Detokenizer's text of `ids` fed in chunks of the sizes `cuts` (then the rest)."""
     from edgekit.device.generate import Detokenizer
 
-    d, i, text = Detokenizer(tiny_tokenizer), 0, ""
+    d, i, text = Detokenizer(tokenizer), 0, ""
     for n in cuts + [len(ids)]:
         if i >= len(ids):
             break
         text = d.add(ids[i:i + n])
         i += n
-    assert text == tiny_tokenizer.decode(ids, skip_special_tokens=True)
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -281,14 +286,8 @@ def test_the_text_of_generated_tokens_keeps_their_first_space(ids, cuts, sentenc
     from edgekit.device.generate import Detokenizer
 
     tok = sentencepiece_tokenizer
-    d, i, text = Detokenizer(tok), 0, ""
-    for n in cuts + [len(ids)]:
-        if i >= len(ids):
-            break
-        text = d.add(ids[i:i + n])
-        i += n
     anchor = tok.encode("a", add_special_tokens=False).ids
-    assert text == tok.decode(anchor + ids)[len(tok.decode(anchor)):]
+    assert detokenized(tok, ids, cuts) == tok.decode(anchor + ids)[len(tok.decode(anchor)):]
     assert Detokenizer(tok).add(tok.encode("The", add_special_tokens=False).ids) == " The"  # ▁ T h e
 
 
