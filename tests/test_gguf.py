@@ -45,6 +45,7 @@ def test_a_gguf_exports_the_model_it_holds_from_any_working_directory(llama, mak
     want = llama(torch.tensor([ids])).logits[0, -1].detach().numpy()
     np.testing.assert_allclose(last_logits(bundle, ids), want, atol=1e-4)
     assert Model(bundle).tokenizer.get_vocab_size() == 49152
+    assert Model(bundle).manifest.source.name_or_path == str(tmp_path / "a")  # not the folder it was read through
 
 
 @pytest.mark.parametrize("change, says", [

@@ -98,6 +98,8 @@ def load(spec: str | Path) -> LoadedModel:
     finally:
         if gguf is not None:
             folder.rmdir()
+    if gguf is not None:  # named by where it lies, not by the empty folder it was read through
+        model.config._name_or_path = model.name_or_path = tokenizer.name_or_path = str(src.folder)
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers fills them with random values and only prints a report
         raise ExportError(f"{spec}: the checkpoint has no {missing[0]}" + (f" (and {len(missing) - 1} more weights)"
