@@ -191,6 +191,12 @@ class Listener:
                                      f"{[(m.topic, m.payload[:80]) for m in self.messages[-5:]]}")
             return list(self.messages)
 
+    def wait_for_queue_depth(self, depth: int, timeout: float = 10) -> None:
+        """Block until a heartbeat says `depth` requests are queued or running (listen to T.heartbeat)."""
+        import json
+
+        self.wait_for(lambda msgs: any(json.loads(m.payload).get("queue_depth") == depth for m in msgs), timeout)
+
     def payloads(self, topic: str) -> list[dict]:
         import json
 

@@ -99,7 +99,7 @@ def test_a_cancel_of_a_queued_request_holds_across_a_restart(broker, serve, long
             Client(broker.config(), device_id="arm-01", timeout=20) as client:
         running = client.submit("Once upon a time", max_new_tokens=LONG, stream=False)
         queued = client.submit("Then", max_new_tokens=LONG, stream=False)
-        beats.wait_for(lambda msgs: any(json.loads(m.payload)["queue_depth"] == 2 for m in msgs), timeout=10)
+        beats.wait_for_queue_depth(2)
         queued.cancel()
         time.sleep(0.3)  # the cancel reaches the device
         service.stop(timeout=0.1)

@@ -194,7 +194,7 @@ def test_a_request_that_expired_while_the_device_was_down_gets_an_expiry_error_n
             Client(broker.config(), device_id="arm-01", timeout=20) as client:
         long = client.submit("Once upon a time", max_new_tokens=LONG, stream=False)
         stale = client.submit("Hurry", max_new_tokens=2, expiry_s=1)  # MQTT message expiry
-        beats.wait_for(lambda msgs: any(json.loads(m.payload)["queue_depth"] == 2 for m in msgs), timeout=10)
+        beats.wait_for_queue_depth(2)
         service.stop()  # finishes the long answer; "Hurry" stays queued in the journal
         assert long.result().finish_reason in ("length", "context", "eos")
         time.sleep(1.2)  # what is under test is the passing of wall-clock time: let "Hurry" expire
