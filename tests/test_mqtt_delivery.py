@@ -8,11 +8,14 @@ that are still running while the thing under test happens.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-from mqtt_broker import Listener
+from mqtt_broker import Listener, service_env
 from test_mqtt_hardening import finals, publish, publisher
 from test_mqtt_service import LONG, long_bundle  # noqa: F401 (a fixture)
 
@@ -153,3 +156,31 @@ def test_a_second_service_with_the_same_device_id_stops_at_start(broker, serve, 
     serve(broker.config(), journal=journal)
     with pytest.raises(JournalError, match="another process uses it.*same --device-id"):
         Service(Model(tiny_bundle, threads=1), broker.config(), ServiceConfig("arm-01", journal=journal))
+
+
+def test_a_client_that_times_out_cancels_its_request(broker, serve, long_bundle):  # noqa: F811
+    serve(broker.config(), bundle=long_bundle, limits=Limits(max_new_tokens=3 * LONG))
+    with Client(broker.config(), device_id="arm-01", timeout=20) as client, \
+            Listener(broker.config(), [client.reply_topic]) as wire:
+        pending = client.submit("Once upon a time", max_new_tokens=3 * LONG, stream=False, timeout=0.5)
+        with pytest.raises(RequestError) as e:
+            pending.result()  # nothing is sent before a whole answer of 3000 tokens: about 4 s
+        finals = wire.wait_for(lambda msgs: any(json.loads(m.payload)["type"] == "done" for m in msgs), timeout=20)
+    done = json.loads(finals[-1].payload)
+    assert e.value.code == "timeout"
+    assert done["finish_reason"] == "cancelled" and done["usage"]["completion_tokens"] < 3 * LONG
+
+
+def test_ctrl_c_in_edgekit_ask_cancels_the_devices_answer(broker, serve, long_bundle):  # noqa: F811
+    serve(broker.config(), bundle=long_bundle, limits=Limits(max_new_tokens=3 * LONG))
+    with Listener(broker.config(), [T.cancel, "edgekit/reply/#"]) as wire:
+        ask = subprocess.Popen([sys.executable, "-m", "edgekit", "ask", "--broker", broker.url, "--device-id", "arm-01",
+                                "--max-new-tokens", str(3 * LONG), "--temperature", "0", "Once upon a time"],
+                               env=service_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert ask.stdout is not None
+        ask.stdout.read(1)  # the answer is streaming
+        ask.send_signal(signal.SIGINT)
+        assert ask.wait(timeout=30) == 130
+        wire.wait_for(lambda msgs: any(b'"done"' in m.payload for m in msgs), timeout=10)
+    done = next(json.loads(m.payload) for m in wire.messages if b'"done"' in m.payload)
+    assert done["finish_reason"] == "cancelled" and done["usage"]["completion_tokens"] < 3 * LONG

@@ -152,6 +152,9 @@ def _run_ask(args) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
                 streamed = True
+        except KeyboardInterrupt:  # Ctrl-C stops the device's answer too, not only this command
+            pending.cancel()
+            raise
         except RequestError as e:
             if streamed:
                 sys.stdout.write("\n")

@@ -131,7 +131,8 @@ class Pending:
         waiting_since = time.monotonic()
         while True:  # timeout: nothing heard from the device for that long
             left = max(waiting_since, self.last_reply) + self.timeout - time.monotonic()
-            if left <= 0:
+            if left <= 0:  # give up, and tell the device: it would otherwise spend its CPU on an answer no one reads
+                self._client._cancel(self)
                 self._client._forget(self)
                 raise RequestError(proto.TIMEOUT, f"{self._client.silence_reason(self.device_id)}; "
                                                   f"no answer within {self.timeout:g} s")
@@ -305,7 +306,11 @@ class Client:
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.reply_topic
         props.CorrelationData = pending.correlation
-        self.conn.client.publish(self.topics.cancel, b'{"v":1}', qos=1, properties=props)
+        sent = self.conn.client.publish(self.topics.cancel, b'{"v":1}', qos=1, properties=props)
+        try:  # the caller may close the client next (Ctrl-C in `edgekit ask`): the cancel goes out first
+            sent.wait_for_publish(timeout=2.0)
+        except (RuntimeError, ValueError):  # not connected: paho sends it on reconnect, if the client lives
+            pass
 
     def _forget(self, pending: Pending) -> None:
         with self._lock:
