@@ -236,6 +236,23 @@ def test_export_refuses_a_bundle_that_does_not_fit_or_shrinks_its_context(tiny_b
     assert Model(bundle).generate("The robot", max_new_tokens=4).token_ids
 
 
+def test_check_agrees_with_export_fit_context_at_the_limit(tiny_folder, tmp_path, monkeypatch):
+    """check sized the weights by the files (13-30 KB more than the initializers export sized them by), so it
+    refused a bundle --fit-context had fitted with less than that to spare."""
+    monkeypatch.setenv("EDGEKIT_TARGETS", str(tmp_path))
+    _write(tmp_path, "tiny-board", ram_gb=64, os_reserved_gb=0.5)
+    roomy = export(tiny_folder, tmp_path / "roomy", ExportOptions(target="tiny-board", quant="none"), progress=quiet)
+    m = Model(roomy, verify=False).manifest
+    assert m.graph.weight_bytes is not None
+    need = check.estimate_memory(m.architecture, m.graph.weight_bytes, "fused", 128).total_mb
+    _write(tmp_path, "tiny-board", ram_gb=0.5 + (need + 0.001) / 1024, os_reserved_gb=0.5)  # 1 KB to spare at 128
+    options = ExportOptions(target="tiny-board", quant="none", fit_context=True)
+    fitted = export(tiny_folder, tmp_path / "fitted", options, progress=quiet)
+    assert Model(fitted, verify=False).manifest.architecture.context_length == 128
+    assert check.check_bundle(fitted).fits
+    assert main(["check", str(fitted)]) == 0
+
+
 def test_runtime_takes_the_first_available_provider_and_falls_back_with_a_warning(multi_target, caplog):
     assert choose_provider(["CPUExecutionProvider"]) == "CPUExecutionProvider"
     with caplog.at_level(logging.WARNING, logger="edgekit"):

@@ -66,6 +66,7 @@ class GraphInfo:
     past_present_share_buffer: bool = True  # fused: the cache is written in place
     inputs: list = field(default_factory=list)
     operators: list = field(default_factory=list)  # "domain::Op", for `edgekit check` on a device without onnx
+    weight_bytes: int | None = None  # the initializers' bytes export sized memory by; None: older bundles
     extra: dict = field(default_factory=dict)
 
 

@@ -338,7 +338,8 @@ def check_bundle(bundle: str | Path, target: str | None = None, ram_gb: float | 
         notes.append(f"built for {m.target.arch}, checking on {profile['cpu']['arch']}: bundles are "
                      "architecture-independent, the runtime's wheel is not")
     ops = m.graph.operators or _operators_from_model(bundle)
-    weights = bundle_weight_bytes(bundle)
+    # what export sized memory by, so that check agrees with --fit-context at the limit; the files for older bundles
+    weights = m.graph.weight_bytes or bundle_weight_bytes(bundle)
     quantized = m.quantization.method != "none"
     level = m.target.matmulnbits_accuracy_level  # what the bundle's graph was built with
     budget = available_mb(profile, ram_gb)

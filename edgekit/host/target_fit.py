@@ -18,11 +18,13 @@ from edgekit.host.options import ExportPlan
 
 def graph_manifest(model: onnx.ModelProto, flavour: str) -> GraphInfo:
     """What a bundle's manifest records about the graph: the flavour's inputs and cache scheme and
-    every operator it uses (`edgekit check` reads them on the device, where onnx is not installed)."""
+    every operator it uses and the weights' bytes (`edgekit check` reads them on the device, where onnx is
+    not installed, and sizes memory as export did)."""
     ops = sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in model.graph.node})
     fused = flavour == "fused"
     return GraphInfo(flavour=flavour, opset=OPSET, opset_com_microsoft=1 if fused else None,
-                     past_present_share_buffer=fused, inputs=list(FLAVOUR_INPUTS[flavour]), operators=ops)
+                     past_present_share_buffer=fused, inputs=list(FLAVOUR_INPUTS[flavour]), operators=ops,
+                     weight_bytes=initializer_bytes(model))
 
 
 def set_accuracy_level(model: onnx.ModelProto, level: int) -> int:
