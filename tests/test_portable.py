@@ -91,6 +91,29 @@ def _prefill_logits(model: onnx.ModelProto, arch, ids: np.ndarray, portable: boo
     return sess.run(["logits"], feeds)[0]
 
 
+def test_a_portable_bundle_computes_at_its_targets_accuracy_level(make_tiny, tmp_path):
+    """rpi4 (no SDOT) computes in fp32: onnxruntime's fused MatMulNBits ran at its own default, int8."""
+    folder, _ = make_tiny("llama", tie_word_embeddings=False)
+    options = ExportOptions(target="rpi4", flavour="portable", quant="rtn", bits=4, group_size=32)
+    bundle = export(folder, tmp_path / "rpi4-portable", options, progress=lambda _: None)
+    assert Model(bundle).manifest.target.matmulnbits_accuracy_level == 1
+    ids = np.random.default_rng(0).integers(0, 1000, 12).tolist()
+
+    def logits(**session_config) -> np.ndarray:
+        return Model(bundle, session_config=session_config).prefill(ids)[0]
+
+    level = "session.qdq_matmulnbits_accuracy_level"
+    assert np.array_equal(logits(), logits(**{level: "1"}))
+    assert not np.array_equal(logits(), logits(**{level: "4"}))  # int8 compute is another computation
+    # fp32 compute: a run over several tokens gives single steps' logits, so prompt lookup is on by default
+    assert Model(bundle).exact_multi_token_runs
+    assert not Model(bundle, session_config={level: "4"}).exact_multi_token_runs
+    text = "the robot picks the red cube, the robot picks the red cube, the robot picks the"
+    drafted, one_by_one = (Model(bundle).generate(text, max_new_tokens=24, temperature=0.0, prompt_lookup=lookup)
+                           for lookup in (True, False))
+    assert drafted.token_ids == one_by_one.token_ids
+
+
 @pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)], ids=["int4-sym", "int4-zero-points", "int8"])
 def test_blocked_dequantize_linear_matches_matmulnbits(make_tiny, bits, sym):
     _, hf = make_tiny("llama", tie_word_embeddings=False)

@@ -222,6 +222,11 @@ class Model:
         target = self.manifest.target
         self._providers = providers or target.execution_providers or None
         self._session_config = {**target.session_config, **(session_config or {})}
+        if self.manifest.graph.flavour == "portable" and target.matmulnbits_accuracy_level is not None:
+            # onnxruntime fuses the portable graph's DequantizeLinear + MatMul into MatMulNBits, whose compute
+            # type is this entry (its default: 4, int8), not the target's accuracy level the nodes cannot carry
+            self._session_config.setdefault("session.qdq_matmulnbits_accuracy_level",
+                                            str(target.matmulnbits_accuracy_level))
         if self._chooser is not None:
             threads = self._chooser.first_choice(most=target.threads)
         self.threads = threads if threads is not None else target.threads  # None or 0: onnxruntime's choice
@@ -366,7 +371,10 @@ class Model:
         matmuls; not for int8 compute (MatMulNBits at accuracy_level 4), whose kernels for one row
         and for several differ (measured: logits apart by up to 1.1 on SmolLM2 int4, onnxruntime 1.32)."""
         q = self.manifest.quantization
-        return q.method == "none" or (q.accuracy_level is not None and q.accuracy_level < 4)
+        # a portable graph has no MatMulNBits of its own: onnxruntime's fused ones compute at the session's level
+        level = q.accuracy_level if q.accuracy_level is not None else \
+            int(self._session_config.get("session.qdq_matmulnbits_accuracy_level", 4))
+        return q.method == "none" or level < 4
 
     def _verify(self, tokens: list[int], draft: list[int]) -> tuple[np.ndarray, list[int]]:
         """Feed `tokens` then `draft` in one run; keep the draft's longest prefix that greedy decoding
