@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edgekit.device import Model
-from edgekit.device.constrain import ConstraintError, repeats_a_key
+from edgekit.device.constrain import ENFORCED_FORMATS, ConstraintError, repeats_a_key
 
 ARM = {"type": "object", "properties": {
     "action": {"enum": ["pick", "place", "home", "stop"]},
@@ -150,6 +150,46 @@ def test_a_constraint_that_spells_a_special_token_is_refused_before_any_generati
         with pytest.raises(ConstraintError, match=re.escape(f"spells the special token {token!r}")):
             model.stream("The robot", **spec)
         assert model._cached_ids == cached
+
+
+# every format JSON Schema 2020-12 defines, OpenAPI's, and those pydantic writes (Path, Json, SecretStr, bytes)
+FORMATS = ["date-time", "date", "time", "duration", "email", "idn-email", "hostname", "idn-hostname", "ipv4", "ipv6",
+           "uri", "uri-reference", "iri", "iri-reference", "uuid", "uri-template", "json-pointer",
+           "relative-json-pointer", "regex", "int32", "int64", "float", "double", "byte", "binary", "password",
+           "path", "file-path", "directory-path", "json-string", "multi-host-uri"]
+
+
+def test_enforced_formats_are_the_ones_the_installed_llguidance_enforces(model):
+    from llguidance import LLMatcher
+
+    def enforced(name: str) -> bool:
+        grammar = LLMatcher.grammar_from_json_schema(json.dumps({"type": "string", "format": name}))
+        return not LLMatcher.validate_grammar(grammar, model.guide_tokenizer)
+
+    assert {f for f in FORMATS if enforced(f)} == ENFORCED_FORMATS
+
+
+@pytest.mark.parametrize("fmt", sorted(set(FORMATS) - ENFORCED_FORMATS))
+def test_a_format_llguidance_does_not_enforce_is_an_annotation(fmt, model, caplog):
+    """Refused before ("Unknown format: int32"): an OpenAPI or pydantic schema failed whole."""
+    schema = {"type": "object", "properties": {
+        "id": {"type": "string", "format": fmt, "maxLength": 6},
+        "tags": {"type": "array", "items": {"type": "string", "format": fmt, "maxLength": 4}, "maxItems": 2},
+        "format": {"enum": ["png", "jpg"]}},  # a property named "format" is not the keyword
+        "required": ["id", "tags", "format"], "additionalProperties": False}
+    done = model.generate("Robot:", json_schema=schema, max_new_tokens=60, temperature=1.0, seed=0)
+    if done.valid:
+        jsonschema.validate(json.loads(done.text), schema)  # jsonschema treats format as an annotation too
+    else:
+        assert done.finish_reason == "length"
+    assert done.text.startswith('{"id":')
+    assert f"format {fmt} not enforced" in caplog.text
+
+
+def test_an_enforced_format_constrains_the_text(model):
+    done = model.generate("Robot:", json_schema={"type": "string", "format": "date"}, max_new_tokens=20,
+                          temperature=1.0, seed=0)
+    assert done.valid and re.fullmatch(r'"\d{4}-\d{2}-\d{2}"', done.text)
 
 
 def test_hostile_schemas_compile_or_are_refused_quickly(model):

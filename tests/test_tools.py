@@ -99,6 +99,18 @@ def test_refs_in_a_tools_parameters_resolve_in_those_parameters(roomy):
     assert valid >= 1  # some calls end within 50 tokens (2-4 of 8, by the machine's rounding)
 
 
+@pytest.mark.parametrize("choice", ["required", "auto"])
+def test_a_tool_whose_parameters_carry_formats_llguidance_does_not_enforce_is_usable(choice, model):
+    tools = [{"type": "function", "function": {"name": "save_map", "parameters": {  # as pydantic writes a Path
+        "type": "object", "properties": {"path": {"type": "string", "format": "path", "maxLength": 12},
+                                         "x": {"type": "integer", "format": "int32"}},
+        "required": ["path", "x"], "additionalProperties": False}}}]
+    for seed in range(3):
+        done = model.generate(ASK, tools=tools, tool_choice=choice, temperature=1.0, seed=seed, max_new_tokens=40)
+        for call in done.tool_calls or []:
+            check_call(call, tools)
+
+
 def test_the_arguments_are_the_text_the_model_wrote(model):
     """Not parsed and encoded again: a number past a double's range stays JSON, 1.000 stays 1.000."""
     tools = [{"type": "function", "function": {"name": "set_speed", "parameters": {

@@ -14,6 +14,7 @@ A Constraint is one request's state; the tokenizer it needs is built once per Mo
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,14 @@ from edgekit.device.sampling import is_unicode
 from edgekit.errors import InputError
 
 MAX_GRAMMAR_BYTES = 1 << 20  # a schema or grammar larger than this is refused before compiling
+# the "format"s llguidance enforces; it refuses every other (OpenAPI's int32, double, binary, JSON Schema's
+# uri-reference, regex, ...), which JSON Schema makes annotations unless a validator opts in
+ENFORCED_FORMATS = frozenset({"date-time", "date", "time", "duration", "email", "hostname", "ipv4", "ipv6", "uuid",
+                              "uri"})
+DATA_KEYWORDS = ("const", "enum", "default", "examples")  # keywords whose values are JSON data, not schemas
+MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
+
+log = logging.getLogger("edgekit")
 
 
 class ConstraintError(InputError):
@@ -86,6 +95,7 @@ def compile_grammar(spec: Spec, tokenizer) -> str:
             raise ConstraintError(f"the JSON schema cannot be serialized ({str(e)[:200]})") from None
         if len(text) > MAX_GRAMMAR_BYTES:
             raise ConstraintError(f"the JSON schema is larger than {MAX_GRAMMAR_BYTES} bytes")
+        text = json.dumps(annotated_formats_dropped(schema))
         try:  # compact JSON (no free whitespace: a small model would wander in it); "x-guidance" in a schema overrides
             grammar = LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
         except ValueError as e:
@@ -102,6 +112,38 @@ def compile_grammar(spec: Spec, tokenizer) -> str:
         raise ConstraintError(f"{spec.describe()} that cannot constrain generation: "
                               + " ".join(error.split())[:400])
     return grammar
+
+
+def annotated_formats_dropped(schema: Any) -> Any:
+    """`schema` without the "format"s llguidance does not enforce (ENFORCED_FORMATS has those it does),
+    which it would refuse: a validator may treat them as annotations, and here they are (logged)."""
+    dropped: list[str] = []
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key == "format" and isinstance(value, str) and value not in ENFORCED_FORMATS:
+                dropped.append(value)
+            elif key in DATA_KEYWORDS:
+                out[key] = value
+            elif key in MAP_KEYWORDS and isinstance(value, dict):  # a property may be named "format"
+                out[key] = {name: walk(v) for name, v in value.items()}
+            else:
+                out[key] = walk(value)
+        return out
+
+    try:
+        out = walk(schema)
+    except RecursionError:
+        raise ConstraintError("the JSON schema is nested too deeply") from None
+    if dropped:
+        log.warning("JSON schema: format %s not enforced (llguidance enforces %s)",
+                    ", ".join(sorted(set(dropped))), ", ".join(sorted(ENFORCED_FORMATS)))
+    return out
 
 
 class Constraint:

@@ -21,7 +21,7 @@ import secrets
 import string
 
 from edgekit.device.chat import ChatFormatError
-from edgekit.device.constrain import ConstraintError, Spec
+from edgekit.device.constrain import DATA_KEYWORDS, MAP_KEYWORDS, ConstraintError, Spec, annotated_formats_dropped
 
 CHOICES = ("auto", "required", "none")
 
@@ -72,10 +72,6 @@ def call_schema(tools: list[dict], only: str | None = None) -> dict:
     return {"$defs": defs, **(options[0] if len(options) == 1 else {"anyOf": options})}
 
 
-_DATA = ("const", "enum", "default", "examples")  # keywords whose values are JSON data, not schemas
-_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")  # name -> schema
-
-
 def _rebased(schema: object, root: str) -> object:
     """`schema` with every local "$ref" ("#...") pointing below `root` instead of the document's root."""
     if isinstance(schema, list):
@@ -86,9 +82,9 @@ def _rebased(schema: object, root: str) -> object:
     for key, value in schema.items():
         if key == "$ref" and isinstance(value, str) and value.startswith("#"):
             out[key] = root + value[1:]
-        elif key in _DATA:
+        elif key in DATA_KEYWORDS:
             out[key] = value
-        elif key in _MAPS and isinstance(value, dict):  # a property may be named "const" or "$ref"
+        elif key in MAP_KEYWORDS and isinstance(value, dict):  # a property may be named "const" or "$ref"
             out[key] = {name: _rebased(v, root) for name, v in value.items()}
         else:
             out[key] = _rebased(value, root)
@@ -112,6 +108,7 @@ def constraint_for(tools: list[dict], tool_choice: object = "auto") -> Spec | No
         return Spec(json_schema=schema)
     # auto: a call (compact, as json_schema= is), or an answer in words that does not start like a JSON
     # object; it may start with a space: a SentencePiece model's first word is "▁The"
+    schema = annotated_formats_dropped(schema)
     schema["x-guidance"] = {"whitespace_flexible": False}
     return Spec(grammar=f"start: call | answer\ncall: %json {json.dumps(schema)}\nanswer: /\\s*[^{{\\s](.|\\n)*/")
 
