@@ -166,22 +166,46 @@ NO_SYSTEM = """{% for m in messages %}{% if m.role == 'system' %}{{ raise_except
 {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
 {% endif %}"""
 
+# Llama 3.1-3.3's way: the model is told to answer {"name", "parameters"} and earlier calls are written so
+LLAMA31 = """{%- if tools %}<|im_start|>system
+Call as {"name", "parameters"}.
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}<|im_end|>
+{% endif %}{%- for m in messages %}<|im_start|>{{ m.role }}
+{% for call in m.tool_calls or [] %}{{ '{"name": "' + call.function.name + '", "parameters": ' }}\
+{{- call.function.arguments | tojson }}}{% endfor %}{% if m.content %}{{ m.content }}{% endif %}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
 
-@pytest.mark.parametrize("template", [None, WITH_TOOLS, NO_SYSTEM], ids=["smollm2", "with-tools", "no-system"])
-def test_the_openai_tool_loop_runs_on_every_kind_of_template(template, model, tiny_folder, tmp_path):
-    """Call, then send the call back (content None, as OpenAI's clients do) with the tool's result."""
+
+def with_template(template: str, tiny_folder, tmp_path) -> Model:
     from edgekit.host import ExportOptions, export
 
+    (tmp_path / "t.jinja").write_text(template)
+    return Model(export(tiny_folder, tmp_path / "b", ExportOptions(chat_template=str(tmp_path / "t.jinja")),
+                        progress=lambda _: None))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_template_that_asks_for_parameters_gets_its_calls_written_so(seed, tiny_folder, tmp_path):
+    model = with_template(LLAMA31, tiny_folder, tmp_path)
+    done = model.generate(ASK, tools=TOOLS, tool_choice="required", temperature=1.0, seed=seed, max_new_tokens=60)
+    assert re.match(r'\{"name":"\w+","parameters":\{', done.text), done.text
+    check_call(done.tool_calls[0])  # OpenAI-shaped: "arguments", as from any other template
+
+
+@pytest.mark.parametrize("template", [None, WITH_TOOLS, NO_SYSTEM, LLAMA31],
+                         ids=["smollm2", "with-tools", "no-system", "llama-3.1"])
+def test_the_openai_tool_loop_runs_on_every_kind_of_template(template, model, tiny_folder, tmp_path):
+    """Call, then send the call back (content None, as OpenAI's clients do) with the tool's result."""
     if template is not None:
-        (tmp_path / "t.jinja").write_text(template)
-        model = Model(export(tiny_folder, tmp_path / "b", ExportOptions(chat_template=str(tmp_path / "t.jinja")),
-                             progress=lambda _: None))
+        model = with_template(template, tiny_folder, tmp_path)
     call = model.generate(ASK, tools=TOOLS, tool_choice="required", max_new_tokens=60).tool_calls[0]
     loop = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "tool_call_id": call["id"], "content": '{"done": true}'}]
     text = model.tokenizer.decode(model.encode(loop, tools=TOOLS), skip_special_tokens=False)
     arguments = call["function"]["arguments"]
-    if template == WITH_TOOLS:  # the arguments written once, as an object (not their JSON text as a string)
+    if template in (WITH_TOOLS, LLAMA31):  # the arguments written once, as an object (not their JSON text as a string)
         assert json.dumps(json.loads(arguments)) in text and json.dumps(arguments) not in text
     else:  # the call as the JSON the model was told to answer, the tools in the system or first user message
         assert '{"name":"' + call["function"]["name"] + '","arguments":' + arguments + "}" in text

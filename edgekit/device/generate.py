@@ -241,6 +241,7 @@ class Model:
             raise BundleError(f"{self.path / 'tokenizer.json'}: not a tokenizers file ({str(e)[:200]}); "
                               "the bundle is damaged: copy or export it again") from None
         self.chat_template = self._read_chat_template()
+        self._arguments_key = tool_calls.arguments_key(self.chat_template)  # a tool call's {"name", key}
         self.eos_token_ids = set(self.manifest.generation.eos_token_ids)
 
         # The KV cache: allocated once at the context length, in numpy buffers (so a baked-in prefix
@@ -507,7 +508,7 @@ class Model:
             if spec is not None:
                 raise ConstraintError("tools and a json_schema, regex or grammar do not combine: a call is "
                                       "constrained to its tool's parameters")
-            spec = tool_calls.constraint_for(tools, tool_choice)
+            spec = tool_calls.constraint_for(tools, tool_choice, self._arguments_key)
         stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
         if not all(isinstance(s, str) and s and is_unicode(s) for s in stops):  # "" would cut every answer at once
             raise InputError(f"stop must be a non-empty string of valid text or a list of them, got {show_value(stop)}")
@@ -678,7 +679,7 @@ class Model:
             yield text[emitted:]
         stats.new_tokens = len(out)
         valid = None if constraint is None else constraint.valid(text, finish)
-        calls = tool_calls.parse_calls(text) if with_tools and valid else None
+        calls = tool_calls.parse_calls(text, self._arguments_key) if with_tools and valid else None
         if calls:
             finish = "tool_calls"
         return Completion(text=text, token_ids=out, finish_reason=finish, stats=stats, valid=valid, tool_calls=calls,

@@ -2,7 +2,8 @@
 
 Tools are OpenAI-shaped ({"type": "function", "function": {"name", "description", "parameters"}});
 a call is the JSON object {"name": ..., "arguments": {...}}, constrained so that the name is one
-of the tools and the arguments follow that tool's parameters schema. The completion then carries
+of the tools and the arguments follow that tool's parameters schema. A chat template that asks
+for {"name": ..., "parameters": {...}} (Llama 3.1-3.3's) gets its own key (`arguments_key`). The completion then carries
 OpenAI-shaped tool_calls:
 
     [{"id": "k3Xq0B7aZ", "type": "function", "function": {"name": "move_arm", "arguments": "{\\"x\\":1}"}}]
@@ -46,7 +47,15 @@ def check_tools(tools: object) -> list[dict]:
     return tools
 
 
-def call_schema(tools: list[dict], only: str | None = None) -> dict:
+def arguments_key(template: str | None) -> str:
+    """The key a call's arguments go under: "parameters" for a chat template that writes calls that way
+    and never quotes "arguments" (Llama 3.1-3.3: the model was trained on it), else "arguments"."""
+    if template and '"parameters"' in template and '"arguments"' not in template:
+        return "parameters"
+    return "arguments"
+
+
+def call_schema(tools: list[dict], only: str | None = None, key: str = "arguments") -> dict:
     """The JSON schema of one call to one of `tools` (or to the tool named `only`).
 
     A call wraps its tool's parameters schema, so the refs in it that start at its root ("#",
@@ -65,8 +74,8 @@ def call_schema(tools: list[dict], only: str | None = None) -> dict:
             except RecursionError:
                 raise ConstraintError(f"tools[{k}].function.parameters is nested too deeply") from None
             options.append({"type": "object", "properties": {
-                "name": {"const": fn["name"]}, "arguments": {"$ref": f"#/$defs/tool{k}"}},
-                "required": ["name", "arguments"], "additionalProperties": False})
+                "name": {"const": fn["name"]}, key: {"$ref": f"#/$defs/tool{k}"}},
+                "required": ["name", key], "additionalProperties": False})
     if not options:
         raise ConstraintError(f"tool_choice names {only!r}, which is not one of the tools")
     return {"$defs": defs, **(options[0] if len(options) == 1 else {"anyOf": options})}
@@ -91,19 +100,19 @@ def _rebased(schema: object, root: str) -> object:
     return out
 
 
-def constraint_for(tools: list[dict], tool_choice: object = "auto") -> Spec | None:
-    """What the output must follow for `tool_choice`; None for "none"."""
+def constraint_for(tools: list[dict], tool_choice: object = "auto", key: str = "arguments") -> Spec | None:
+    """What the output must follow for `tool_choice`, a call's arguments under `key`; None for "none"."""
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name") if tool_choice.get("type") == "function" else None
         if not isinstance(name, str):
             raise ConstraintError('tool_choice must be "auto", "required", "none" or '
                                   '{"type": "function", "function": {"name": ...}}')
-        return Spec(json_schema=call_schema(tools, only=name))
+        return Spec(json_schema=call_schema(tools, only=name, key=key))
     if tool_choice not in CHOICES:
         raise ConstraintError(f"tool_choice must be one of {', '.join(CHOICES)} or a function, got {tool_choice!r:.60}")
     if tool_choice == "none":
         return None
-    schema = call_schema(tools)
+    schema = call_schema(tools, key=key)
     if tool_choice == "required":
         return Spec(json_schema=schema)
     # auto: a call (compact, as json_schema= is), or an answer in words that does not start like a JSON
@@ -113,19 +122,20 @@ def constraint_for(tools: list[dict], tool_choice: object = "auto") -> Spec | No
     return Spec(grammar=f"start: call | answer\ncall: %json {json.dumps(schema)}\nanswer: /\\s*[^{{\\s](.|\\n)*/")
 
 
-def parse_calls(text: str) -> list[dict] | None:
+def parse_calls(text: str, key: str = "arguments") -> list[dict] | None:
     """OpenAI-shaped tool_calls when `text` is a call, else None (an answer in words).
 
-    `text` is what call_schema's constraint let through: {"name":...,"arguments":...}, compact, in
-    that order; the arguments are passed on as the model wrote them."""
+    `text` is what call_schema's constraint let through: {"name":...,key:...}, compact, in that
+    order; the arguments are passed on as the model wrote them."""
     if not text.lstrip().startswith("{"):
         return None
     decode = json.JSONDecoder().raw_decode
     head = '{"name":'
     assert text.startswith(head), text[:40]
     name, end = decode(text, len(head))
-    start = end + len(',"arguments":')
-    assert text[end:start] == ',"arguments":' and text.endswith("}"), text[:80]
+    sep = f',"{key}":'
+    start = end + len(sep)
+    assert text[end:start] == sep and text.endswith("}"), text[:80]
     _, stop = decode(text, start)
     return [{"id": call_id(), "type": "function", "function": {"name": name, "arguments": text[start:stop]}}]
 
