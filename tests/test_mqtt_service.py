@@ -78,7 +78,7 @@ def test_ask_and_stream_answer_with_the_bundles_own_greedy_text(broker, serve, l
     assert answer.finish_reason in ("length", "eos")
 
 
-def test_status_is_retained_and_heartbeats_report_load(broker, serve, tiny_bundle):
+def test_status_is_retained_and_heartbeats_report_load(broker, serve, tiny_bundle, tiny_folder):
     service = serve(broker.config())
     with Listener(broker.config(), [T.status("arm-01"), T.heartbeat("arm-01")]) as wire:
         wire.wait_for(lambda msgs: sum(m.topic == T.heartbeat("arm-01") for m in msgs) >= 2, timeout=5)
@@ -88,6 +88,7 @@ def test_status_is_retained_and_heartbeats_report_load(broker, serve, tiny_bundl
     assert status["v"] == 1 and status["state"] == "online"
     assert status["bundle_hash"] == Model(tiny_bundle).bundle_hash == service.model.bundle_hash
     assert status["target"] == service.model.manifest.target.name
+    assert status["model"] == tiny_folder.name  # exported from a folder: its name, not the exporting host's path
     assert beat["queue_depth"] == 0 and beat["queue_limit"] == service.limits.queue and "load1" in beat
 
     service.stop()

@@ -666,5 +666,7 @@ def _blob(value) -> bytes:
 
 
 def _model_name(manifest: Manifest) -> str | None:
-    source = manifest.source
-    return source.spec or (Path(source.name_or_path).name if source.name_or_path else None)
+    """The model as a fleet sees it: the shipped name or relative path export was given; of an absolute
+    path only its last part (the folder or .gguf file), not a path on the host that exported it."""
+    name = manifest.source.spec or manifest.source.name_or_path
+    return (Path(name).name if Path(name).is_absolute() else name) or None
