@@ -96,7 +96,10 @@ def test_a_portable_bundle_computes_at_its_targets_accuracy_level(make_tiny, tmp
     folder, _ = make_tiny("llama", tie_word_embeddings=False)
     options = ExportOptions(target="rpi4", flavour="portable", quant="rtn", bits=4, group_size=32)
     bundle = export(folder, tmp_path / "rpi4-portable", options, progress=lambda _: None)
-    assert Model(bundle).manifest.target.matmulnbits_accuracy_level == 1
+    manifest = Model(bundle).manifest
+    assert manifest.target.matmulnbits_accuracy_level == 1
+    assert manifest.quantization.extra["operator"] == "DequantizeLinear + MatMul" == " + ".join(
+        sorted({op for domain, op in _ops(bundle) if op in ("DequantizeLinear", "MatMul")}))
     ids = np.random.default_rng(0).integers(0, 1000, 12).tolist()
 
     def logits(**session_config) -> np.ndarray:

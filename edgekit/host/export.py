@@ -89,6 +89,8 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | None = 
         set_accuracy_level(model_proto, target["matmulnbits_accuracy_level"])
     if quant_record is not None:  # the manifest says what the graph does, read from the graph itself
         quant_record["accuracy_level"] = accuracy_level(model_proto)
+        if flavour == "portable":  # standard ONNX: every quantized weight is a DequantizeLinear, weight-only
+            quant_record.update(operator="DequantizeLinear + MatMul", activations="float32")
     say(f"      {len(model_proto.graph.node)} nodes, context length {arch.context_length} "
         f"({time.perf_counter() - t:.1f}s)")
     check_target_fit(model_proto, arch, plan, say)  # operators and memory on the device (device/check.py)
