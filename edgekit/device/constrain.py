@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,11 +115,15 @@ def compile_grammar(spec: Spec, tokenizer) -> str:
     return grammar
 
 
-def annotated_formats_dropped(schema: Any) -> Any:
-    """`schema` without the "format"s llguidance does not enforce (ENFORCED_FORMATS has those it does),
-    which it would refuse: a validator may treat them as annotations, and here they are (logged)."""
-    dropped: list[str] = []
+DESCEND, DROP = object(), object()  # what a rewrite_schema keyword function returns besides a new value
 
+
+def rewrite_schema(schema: Any, keyword: Callable[[str, Any], Any]) -> Any:
+    """`schema` rebuilt with `keyword(key, value)` applied to every keyword of it and of its subschemas:
+    it returns the keyword's new value, DROP to leave it out, or DESCEND to rewrite its value as a
+    subschema. Data keywords (const, enum, ...) are kept as they are; a map's (properties, $defs,
+    ...) values are subschemas, its keys names (a property may be named "format" or "$ref").
+    ConstraintError for a schema nested too deeply to walk."""
     def walk(node: Any) -> Any:
         if isinstance(node, list):
             return [walk(x) for x in node]
@@ -126,20 +131,32 @@ def annotated_formats_dropped(schema: Any) -> Any:
             return node
         out = {}
         for key, value in node.items():
-            if key == "format" and isinstance(value, str) and value not in ENFORCED_FORMATS:
-                dropped.append(value)
-            elif key in DATA_KEYWORDS:
-                out[key] = value
-            elif key in MAP_KEYWORDS and isinstance(value, dict):  # a property may be named "format"
-                out[key] = {name: walk(v) for name, v in value.items()}
-            else:
-                out[key] = walk(value)
+            new = value if key in DATA_KEYWORDS else keyword(key, value)
+            if new is DESCEND:
+                new = {name: walk(v) for name, v in value.items()} if key in MAP_KEYWORDS and isinstance(
+                    value, dict) else walk(value)
+            if new is not DROP:
+                out[key] = new
         return out
 
     try:
-        out = walk(schema)
+        return walk(schema)
     except RecursionError:
         raise ConstraintError("the JSON schema is nested too deeply") from None
+
+
+def annotated_formats_dropped(schema: Any) -> Any:
+    """`schema` without the "format"s llguidance does not enforce (ENFORCED_FORMATS has those it does),
+    which it would refuse: a validator may treat them as annotations, and here they are (logged)."""
+    dropped: list[str] = []
+
+    def keyword(key: str, value: Any) -> Any:
+        if key == "format" and isinstance(value, str) and value not in ENFORCED_FORMATS:
+            dropped.append(value)
+            return DROP
+        return DESCEND
+
+    out = rewrite_schema(schema, keyword)
     if dropped:
         log.warning("JSON schema: format %s not enforced (llguidance enforces %s)",
                     ", ".join(sorted(set(dropped))), ", ".join(sorted(ENFORCED_FORMATS)))

@@ -22,7 +22,7 @@ import secrets
 import string
 
 from edgekit.device.chat import ChatFormatError
-from edgekit.device.constrain import DATA_KEYWORDS, MAP_KEYWORDS, ConstraintError, Spec, annotated_formats_dropped
+from edgekit.device.constrain import DESCEND, ConstraintError, Spec, annotated_formats_dropped, rewrite_schema
 
 CHOICES = ("auto", "required", "none")
 
@@ -71,7 +71,7 @@ def call_schema(tools: list[dict], only: str | None = None, key: str = "argument
             try:
                 defs[f"tool{k}"] = _rebased(fn.get("parameters") or {"type": "object", "properties": {}},
                                             f"#/$defs/tool{k}")
-            except RecursionError:
+            except ConstraintError:  # nested too deeply to walk
                 raise ConstraintError(f"tools[{k}].function.parameters is nested too deeply") from None
             options.append({"type": "object", "properties": {
                 "name": {"const": fn["name"]}, key: {"$ref": f"#/$defs/tool{k}"}},
@@ -83,21 +83,10 @@ def call_schema(tools: list[dict], only: str | None = None, key: str = "argument
 
 def _rebased(schema: object, root: str) -> object:
     """`schema` with every local "$ref" ("#...") pointing below `root` instead of the document's root."""
-    if isinstance(schema, list):
-        return [_rebased(x, root) for x in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out: dict = {}
-    for key, value in schema.items():
-        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
-            out[key] = root + value[1:]
-        elif key in DATA_KEYWORDS:
-            out[key] = value
-        elif key in MAP_KEYWORDS and isinstance(value, dict):  # a property may be named "const" or "$ref"
-            out[key] = {name: _rebased(v, root) for name, v in value.items()}
-        else:
-            out[key] = _rebased(value, root)
-    return out
+    def keyword(key: str, value: object) -> object:
+        return root + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#") else DESCEND
+
+    return rewrite_schema(schema, keyword)
 
 
 def constraint_for(tools: list[dict], tool_choice: object = "auto", key: str = "arguments") -> Spec | None:
