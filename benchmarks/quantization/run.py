@@ -282,8 +282,10 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/edgekit-quant-bench", help="where bundles are written")
     ap.add_argument("--reuse", action="store_true", help="re-evaluate bundles already in --work instead of exporting")
     ap.add_argument("--report", action="store_true", help="only print the table and checks of results.json")
+    ap.add_argument("--results", default=str(HERE / "results.json"),
+                    help="the results file to update (one per process when runs go in parallel)")
     args = ap.parse_args()
-    results_path = HERE / "results.json"
+    results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     if args.report:
         report(results)
