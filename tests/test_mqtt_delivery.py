@@ -17,7 +17,7 @@ import time
 import pytest
 from mqtt_broker import Listener, service_env
 from test_mqtt_hardening import finals, publish, publisher
-from test_mqtt_service import LONG, long_bundle  # noqa: F401 (a fixture)
+from test_mqtt_service import LONG, RUNNING, long_bundle  # noqa: F401 (a fixture)
 
 from edgekit.device import Model
 from edgekit.device.mqtt import Client, Limits, RequestError, Service, ServiceConfig, Topics
@@ -85,7 +85,7 @@ def test_a_stop_that_outlasts_its_wait_answers_the_running_request_interrupted(b
     """A process must not exit while onnxruntime runs (SIGTERM then ended in SIGABRT): the answer ends first."""
     service = serve(broker.config(), bundle=long_bundle, limits=Limits(max_new_tokens=LONG))
     with Client(broker.config(), device_id="arm-01", timeout=20) as client:
-        pending = client.stream("Once upon a time", max_new_tokens=LONG, temperature=0)
+        pending = client.stream("Once upon a time", max_new_tokens=LONG, **RUNNING)
         next(iter(pending))
         service.stop(timeout=0.1)
         assert not service._worker.is_alive()
@@ -100,8 +100,8 @@ def test_a_cancel_of_a_queued_request_holds_across_a_restart(broker, serve, long
                     limits=Limits(max_new_tokens=LONG))
     with Listener(broker.config(), [T.heartbeat("arm-01")]) as beats, \
             Client(broker.config(), device_id="arm-01", timeout=20) as client:
-        running = client.submit("Once upon a time", max_new_tokens=LONG, stream=False)
-        queued = client.submit("Then", max_new_tokens=LONG, stream=False)
+        running = client.submit("Once upon a time", max_new_tokens=LONG, stream=False, **RUNNING)
+        queued = client.submit("Then", max_new_tokens=LONG, stream=False, **RUNNING)
         beats.wait_for_queue_depth(2)
         queued.cancel()
         time.sleep(0.3)  # the cancel reaches the device
@@ -162,9 +162,9 @@ def test_a_client_that_times_out_cancels_its_request(broker, serve, long_bundle)
     serve(broker.config(), bundle=long_bundle, limits=Limits(max_new_tokens=3 * LONG))
     with Client(broker.config(), device_id="arm-01", timeout=20) as client, \
             Listener(broker.config(), [client.reply_topic]) as wire:
-        pending = client.submit("Once upon a time", max_new_tokens=3 * LONG, stream=False, timeout=0.5)
+        pending = client.submit("Once upon a time", max_new_tokens=3 * LONG, stream=False, timeout=0.5, **RUNNING)
         with pytest.raises(RequestError) as e:
-            pending.result()  # nothing is sent before a whole answer of 3000 tokens: about 4 s
+            pending.result()  # nothing is sent before the whole answer: seconds
         finals = wire.wait_for(lambda msgs: any(json.loads(m.payload)["type"] == "done" for m in msgs), timeout=20)
     done = json.loads(finals[-1].payload)
     assert e.value.code == "timeout"
@@ -175,7 +175,8 @@ def test_ctrl_c_in_edgekit_ask_cancels_the_devices_answer(broker, serve, long_bu
     serve(broker.config(), bundle=long_bundle, limits=Limits(max_new_tokens=3 * LONG))
     with Listener(broker.config(), [T.cancel, "edgekit/reply/#"]) as wire:
         ask = subprocess.Popen([sys.executable, "-m", "edgekit", "ask", "--broker", broker.url, "--device-id", "arm-01",
-                                "--max-new-tokens", str(3 * LONG), "--temperature", "0", "Once upon a time"],
+                                "--max-new-tokens", str(3 * LONG), "--temperature", str(RUNNING["temperature"]),
+                                "--seed", str(RUNNING["seed"]), "Once upon a time"],
                                env=service_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert ask.stdout is not None
         ask.stdout.read(1)  # the answer is streaming
