@@ -177,7 +177,10 @@ def test_ctrl_c_in_edgekit_ask_cancels_the_devices_answer(broker, serve, long_bu
         ask = subprocess.Popen([sys.executable, "-m", "edgekit", "ask", "--broker", broker.url, "--device-id", "arm-01",
                                 "--max-new-tokens", str(3 * LONG), "--temperature", str(RUNNING["temperature"]),
                                 "--seed", str(RUNNING["seed"]), "Once upon a time"],
-                               env=service_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               env=service_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               # a terminal's Ctrl-C: a suite started in the background (nohup, CI) ignores SIGINT,
+                               # and a child inherits that
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         assert ask.stdout is not None
         ask.stdout.read(1)  # the answer is streaming
         ask.send_signal(signal.SIGINT)
