@@ -42,6 +42,8 @@ from edgekit.device.threads import MAX_THREADS, ThreadChooser
 from edgekit.errors import InputError
 
 log = logging.getLogger("edgekit")
+# the compute type of the MatMulNBits onnxruntime fuses from a portable graph's DequantizeLinear + MatMul
+QDQ_ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
 
 
 def _valid_text(text: str) -> str:
@@ -225,7 +227,7 @@ class Model:
         if self.manifest.graph.flavour == "portable" and target.matmulnbits_accuracy_level is not None:
             # onnxruntime fuses the portable graph's DequantizeLinear + MatMul into MatMulNBits, whose compute
             # type is this entry (its default: 4, int8), not the target's accuracy level the nodes cannot carry
-            self._session_config.setdefault("session.qdq_matmulnbits_accuracy_level",
+            self._session_config.setdefault(QDQ_ACCURACY_LEVEL,
                                             str(target.matmulnbits_accuracy_level))
         if self._chooser is not None:
             threads = self._chooser.first_choice(most=target.threads)
@@ -374,7 +376,7 @@ class Model:
         q = self.manifest.quantization
         # a portable graph has no MatMulNBits of its own: onnxruntime's fused ones compute at the session's level
         level = q.accuracy_level if q.accuracy_level is not None else \
-            int(self._session_config.get("session.qdq_matmulnbits_accuracy_level", 4))
+            int(self._session_config.get(QDQ_ACCURACY_LEVEL, 4))
         return q.method == "none" or level < 4
 
     def _verify(self, tokens: list[int], draft: list[int]) -> tuple[np.ndarray, list[int]]:
