@@ -158,14 +158,17 @@ class Listener:
     ...     wire.wait_for(lambda msgs: len(msgs) >= 3, timeout=5)
     """
 
-    def __init__(self, config: BrokerConfig, topics: list[str], client_id: str = "test-listener"):
+    def __init__(self, config: BrokerConfig, topics: list[str], client_id: str | None = None):
         import threading
+        import uuid
 
         from edgekit.device.mqtt.connection import make_connection
 
         self.messages: list = []  # paho MQTTMessage objects, in arrival order
         self._cond = threading.Condition()
         subscribed = threading.Event()
+        # a unique id by default: two listeners with one id would take each other's session over
+        client_id = client_id or f"listener-{uuid.uuid4().hex[:8]}"
         self.conn = make_connection(config, client_id, session_expiry_s=0, clean_start=True)
 
         def on_connect(client, userdata, flags, rc, props):

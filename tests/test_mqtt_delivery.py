@@ -188,3 +188,22 @@ def test_ctrl_c_in_edgekit_ask_cancels_the_devices_answer(broker, serve, long_bu
         wire.wait_for(lambda msgs: any(b'"done"' in m.payload for m in msgs), timeout=10)
     done = next(json.loads(m.payload) for m in wire.messages if b'"done"' in m.payload)
     assert done["finish_reason"] == "cancelled" and done["usage"]["completion_tokens"] < 3 * LONG
+
+
+def test_closing_a_client_cancels_the_requests_it_still_waits_for(broker, serve, long_bundle):  # noqa: F811
+    serve(broker.config(), bundle=long_bundle, heartbeat_s=0.05, limits=Limits(max_new_tokens=3 * LONG))
+    with Listener(broker.config(), ["edgekit/reply/#"]) as wire, \
+            Listener(broker.config(), [T.heartbeat("arm-01")]) as beats:
+        client = Client(broker.config(), device_id="arm-01")
+        running = client.stream("Once upon a time", max_new_tokens=3 * LONG, **RUNNING)
+        queued = client.submit("The robot", max_new_tokens=3 * LONG, stream=False, **RUNNING)
+        beats.wait_for_queue_depth(2)  # one answer is being generated, the other waits behind it
+        client.close()
+        finals = wire.wait_for(lambda msgs: sum(b'"done"' in m.payload for m in msgs) == 2, timeout=20)
+    for reply in (json.loads(m.payload) for m in finals if b'"done"' in m.payload):
+        assert reply["finish_reason"] == "cancelled" and reply["usage"].get("completion_tokens", 0) < 3 * LONG
+    for pending in (running, queued):
+        with pytest.raises(RequestError) as e:
+            pending.result()
+        assert e.value.code == "closed"
+    client.close()  # twice is harmless

@@ -208,7 +208,18 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Disconnect. Requests still in flight are cancelled first (a device would otherwise spend
+        its CPU on answers no one reads), and reading one of them then raises RequestError."""
+        if self._closed:
+            return
         self._closed = True
+        with self._lock:
+            open_ = [p for p in self._pending.values() if not p._final_seen]
+            self._pending.clear()
+        self._cancel(*open_)
+        for p in open_:
+            p._replies.put({"type": "error", "code": proto.CLOSED, "message": "the Client was closed before the "
+                            "answer came; the device was told to cancel it", "device_id": p.device_id})
         self.conn.stop()
 
     # -- asking --------------------------------------------------------------------------
@@ -302,15 +313,21 @@ class Client:
             props.MessageExpiryInterval = left
         self.conn.client.publish(pending.topic, pending.payload, qos=1, properties=props)
 
-    def _cancel(self, pending: Pending) -> None:
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = self.reply_topic
-        props.CorrelationData = pending.correlation
-        sent = self.conn.client.publish(self.topics.cancel, b'{"v":1}', qos=1, properties=props)
-        try:  # the caller may close the client next (Ctrl-C in `edgekit ask`): the cancel goes out first
-            sent.wait_for_publish(timeout=2.0)
-        except (RuntimeError, ValueError):  # not connected: paho sends it on reconnect, if the client lives
-            pass
+    def _cancel(self, *pendings: Pending) -> None:
+        """Publish a cancel for each, then wait up to 2 s in all for the broker to take them: the caller
+        may close the client next (Ctrl-C in `edgekit ask`, close()), and the cancels go out first."""
+        sent = []
+        for pending in pendings:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = self.reply_topic
+            props.CorrelationData = pending.correlation
+            sent.append(self.conn.client.publish(self.topics.cancel, b'{"v":1}', qos=1, properties=props))
+        until = time.monotonic() + 2.0
+        for info in sent:
+            try:
+                info.wait_for_publish(timeout=max(0.0, until - time.monotonic()))
+            except (RuntimeError, ValueError):  # not connected: paho sends it on reconnect, if the client lives
+                pass
 
     def _forget(self, pending: Pending) -> None:
         with self._lock:

@@ -42,6 +42,7 @@ INTERRUPTED = "interrupted"  # the service stopped while generating; the partial
 INTERNAL = "internal"
 SCHEMA = "invalid_schema"  # a response_format schema, regex, grammar or tools that cannot constrain generation
 TIMEOUT = "timeout"  # raised by the client itself when no answer came in time; never sent by a device
+CLOSED = "closed"  # raised by the client itself: it was closed with the request in flight; never sent by a device
 
 
 class ProtocolError(InputError):
