@@ -71,3 +71,27 @@ def test_the_gguf_end_of_turn_token_ends_generation(llama, tmp_path):
     assert json.loads((bundle / "edgekit.json").read_text())["generation"]["eos_token_ids"] == [0, 2]
     done = Model(bundle).generate("Hi", max_new_tokens=5, temperature=0, logit_bias={0: 100})
     assert done.finish_reason == "eos" and done.token_ids == []
+
+
+def test_loading_a_gguf_parses_it_once_and_leaves_gguf_py_as_it_was(llama, tmp_path, monkeypatch):
+    """transformers parsed the file four times (config, model twice, tokenizer) after edgekit's own
+    read: 15 of the 34 s it took to load the shipped SmolLM2."""
+    import gguf
+
+    from edgekit.host.load import load
+
+    path = write_llama(llama, tmp_path / "m.gguf")
+    parsed = []
+    make = gguf.GGUFReader.__init__
+
+    def counted(self, path, *args, **kwargs):
+        parsed.append(path)
+        make(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counted)
+    loaded = load(path)
+    assert [str(p) for p in parsed] == [str(path.resolve())]
+    assert isinstance(gguf.GGUFReader, type)  # the load's shared reader is gone with it
+    ids = [1, 504, 3458]
+    np.testing.assert_allclose(loaded.model(torch.tensor([ids])).logits.detach().numpy(),
+                               llama(torch.tensor([ids])).logits.detach().numpy(), atol=1e-5)
