@@ -30,6 +30,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,9 @@ class ServiceConfig:
 
 
 STOPPED_MID_ANSWER = "the service stopped while generating this answer; send the request again"
+# cancels remembered for requests not (yet) taken: one that overtook its request (a broker's other route,
+# a shared subscription's redelivery) still cancels it; the others were for other devices, and age out
+EARLY_CANCELS = 256
 
 
 @dataclass
@@ -147,6 +151,7 @@ class Service:
         self._lock = threading.Lock()  # guards the sets below; never held while publishing
         self._in_flight: set[tuple[str, bytes]] = set()
         self._cancelled: set[tuple[str, bytes]] = set()
+        self._early_cancels: OrderedDict[tuple[str, bytes], None] = OrderedDict()  # oldest first
         self._stopping = threading.Event()
         self._interrupt = threading.Event()  # stop() waited long enough: end the answer being generated
         self.ready = threading.Event()  # connected and subscribed
@@ -437,6 +442,9 @@ class Service:
             full = len(self._in_flight) >= self.limits.queue
             if not full and not self._stopping.is_set():
                 self._in_flight.add(key)
+            cancelled = self._early_cancels.pop(key, False) is None
+            if cancelled and not full:
+                self._cancelled.add(key)  # answered `cancelled` when its turn comes, without generating
         if full:
             self._reply_error(response_topic, correlation, proto.QUEUE_FULL,
                               f"{self.limits.queue} requests are already queued on {self.device_id}; retry later")
@@ -444,9 +452,12 @@ class Service:
         try:
             # committed before this callback returns, i.e. before paho sends the PUBACK
             self.journal.accept(response_topic, correlation, msg.payload, received, expires)
+            if cancelled:
+                self.journal.cancel(*key)
         except BaseException:
             with self._lock:
                 self._in_flight.discard(key)
+                self._cancelled.discard(key)
             raise
         if not self._stopping.is_set():  # when stopping, the next start runs it from the journal
             self._jobs.put(_Job(key, request, received, expires))
@@ -476,7 +487,11 @@ class Service:
             return
         key = (key[0], bytes(key[1]))
         with self._lock:
-            if key not in self._in_flight:  # requests served elsewhere, or already done, are not ours to cancel
+            if key not in self._in_flight:  # not ours (yet): served elsewhere, already done, or still to come
+                self._early_cancels[key] = None
+                self._early_cancels.move_to_end(key)
+                while len(self._early_cancels) > EARLY_CANCELS:
+                    self._early_cancels.popitem(last=False)
                 return
             self._cancelled.add(key)
         self.journal.cancel(*key)  # a queued one stays cancelled across a restart
