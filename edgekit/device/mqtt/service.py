@@ -148,7 +148,7 @@ class Service:
         self.journal = self._open_journal()
         self._jobs: queue.Queue = queue.Queue()
         self._out: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()  # guards the sets below; never held while publishing
+        self._lock = threading.Lock()  # guards the sets and the dict below; never held while publishing
         self._in_flight: set[tuple[str, bytes]] = set()
         self._cancelled: set[tuple[str, bytes]] = set()
         self._early_cancels: OrderedDict[tuple[str, bytes], None] = OrderedDict()  # oldest first
@@ -442,7 +442,8 @@ class Service:
             full = len(self._in_flight) >= self.limits.queue
             if not full and not self._stopping.is_set():
                 self._in_flight.add(key)
-            cancelled = self._early_cancels.pop(key, False) is None
+            cancelled = key in self._early_cancels
+            self._early_cancels.pop(key, None)
             if cancelled and not full:
                 self._cancelled.add(key)  # answered `cancelled` when its turn comes, without generating
         if full:
