@@ -82,6 +82,29 @@ def smollm2_hf():
 
 
 @pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Every host name looked up or address connected to while the test runs (edgekit works offline:
+    the test asserts the list is empty). Recorded, not refused: libraries that catch the error and
+    carry on would hide a refusal."""
+    import socket
+
+    reached: list = []
+    lookup, connect = socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host, *args, **kwargs):
+        reached.append(host)
+        return lookup(host, *args, **kwargs)
+
+    def connect_to(self, address):
+        reached.append(address)
+        return connect(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect_to)
+    return reached
+
+
+@pytest.fixture
 def broker(tmp_path):
     """A real Mosquitto on a free 127.0.0.1 port (tests/mqtt_broker.py), killed after the test."""
     from mqtt_broker import Broker

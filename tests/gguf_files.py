@@ -8,6 +8,7 @@ transformers model's, with q_proj and k_proj rows permuted as llama.cpp stores t
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import gguf
@@ -30,6 +31,15 @@ def shipped_gguf() -> Path:
     return src.folder / src.gguf_file
 
 
+@functools.cache
+def _shipped_tokenizer() -> list[tuple]:
+    """The shipped GGUF's tokenizer.* metadata as (key, value, type, array item type or None): read
+    once per test run (gguf-py takes 5 s to parse its 49k tokens and merges)."""
+    shipped = gguf.GGUFReader(str(shipped_gguf()))
+    return [(key, field.contents(), field.types[0], field.types[1] if len(field.types) > 1 else None)
+            for key, field in shipped.fields.items() if key.startswith("tokenizer.")]
+
+
 def write_llama(model, path: Path, extra_kv: dict | None = None, extra_tensors: dict | None = None,
                 drop_kv: tuple = ()) -> Path:
     c = model.config
@@ -44,14 +54,9 @@ def write_llama(model, path: Path, extra_kv: dict | None = None, extra_tensors: 
     for key, value in kv.items():
         if key not in drop_kv:
             {int: w.add_uint32, float: w.add_float32, str: w.add_string}[type(value)](key, value)
-    shipped = gguf.GGUFReader(str(shipped_gguf()))
-    for key, field in shipped.fields.items():
-        if key.startswith("tokenizer.") and key not in drop_kv and key not in kv:
-            kind = field.types[0]
-            if kind == gguf.GGUFValueType.ARRAY:
-                w.add_key_value(key, field.contents(), kind, sub_type=field.types[1])
-            else:
-                w.add_key_value(key, field.contents(), kind)
+    for key, value, kind, sub_type in _shipped_tokenizer():
+        if key not in drop_kv and key not in kv:
+            w.add_key_value(key, value, kind, sub_type=sub_type)
     for name, tensor in model.state_dict().items():
         data = tensor.detach().float().numpy().copy()
         if name == "lm_head.weight":

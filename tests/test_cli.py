@@ -76,6 +76,7 @@ def test_export_the_shipped_gguf_by_path_gives_the_same_bundle(smollm2_bundle, t
     src = resolve("smollm2-135m")
     r = edgekit("export", src.folder / src.gguf_file, "--out", tmp_path / "b")
     assert r.returncode == 0, r.stderr
+    assert "[1/3] loading" in r.stderr and "it/s" not in r.stderr  # edgekit's progress, no library's bars
     by_path = json.loads((tmp_path / "b" / MANIFEST).read_text())["files"]
     by_name = json.loads((smollm2_bundle / MANIFEST).read_text())["files"]
     assert by_path == by_name  # byte-identical: export is deterministic

@@ -42,15 +42,16 @@ def test_a_lora_trained_on_a_tiny_model_lowers_its_loss_and_exports(tiny_folder,
 
 
 @pytest.mark.slow
-def test_smollm2_taught_four_commands_answers_them_after_export(tmp_path):
+def test_smollm2_taught_four_commands_answers_them_after_export(tmp_path, no_network):
     adapter = finetune("smollm2-135m", write(tmp_path / "train.jsonl", EXAMPLES), tmp_path / "lora",
-                       FinetuneOptions(steps=30, batch_size=4, lr=2e-3), say=lambda _: None)
+                       FinetuneOptions(steps=20, batch_size=4, lr=2e-3), say=lambda _: None)
     model = Model(export("smollm2-135m", tmp_path / "b", ExportOptions(adapters=[str(adapter)]),
                          progress=lambda _: None))
     for user, answer in EXAMPLES:
         done = model.generate([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
                               max_new_tokens=24, temperature=0.0)
         assert done.text == answer
+    assert no_network == []  # training, saving and exporting never asked the hub
 
 
 @pytest.mark.parametrize("line, says", [

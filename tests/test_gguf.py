@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -75,23 +76,39 @@ def test_the_gguf_end_of_turn_token_ends_generation(llama, tmp_path):
 
 def test_loading_a_gguf_parses_it_once_and_leaves_gguf_py_as_it_was(llama, tmp_path, monkeypatch):
     """transformers parsed the file four times (config, model twice, tokenizer) after edgekit's own
-    read: 15 of the 34 s it took to load the shipped SmolLM2."""
+    read, built gguf-py's tensor name map for every module and decoded every metadata value at each
+    read: 28 of the 34 s it took to load the shipped SmolLM2."""
     import gguf
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
 
     from edgekit.host.load import load
 
     path = write_llama(llama, tmp_path / "m.gguf")
-    parsed = []
-    make = gguf.GGUFReader.__init__
+    parsed, name_maps, decoded = [], [], Counter()
+    make, name_map = gguf.GGUFReader.__init__, gguf.tensor_mapping.TensorNameMap.__init__
+    parse = hf_gguf._gguf_parse_value
 
     def counted(self, path, *args, **kwargs):
         parsed.append(path)
         make(self, path, *args, **kwargs)
 
+    def counted_map(self, *args):
+        name_maps.append(args)
+        name_map(self, *args)
+
+    def counted_value(part, types):
+        decoded[id(part)] += 1
+        return parse(part, types)
+
     monkeypatch.setattr(gguf.GGUFReader, "__init__", counted)
+    monkeypatch.setattr(gguf.tensor_mapping.TensorNameMap, "__init__", counted_map)
+    monkeypatch.setattr(hf_gguf, "_gguf_parse_value", counted_value)
     loaded = load(path)
     assert [str(p) for p in parsed] == [str(path.resolve())]
-    assert isinstance(gguf.GGUFReader, type)  # the load's shared reader is gone with it
+    assert len(name_maps) == 1 and decoded and set(decoded.values()) == {1}
+    # what the load shared is gone with it
+    assert isinstance(gguf.GGUFReader, type) and hf_gguf._gguf_parse_value is counted_value
+    assert gguf.get_tensor_name_map is gguf.tensor_mapping.get_tensor_name_map
     ids = [1, 504, 3458]
     np.testing.assert_allclose(loaded.model(torch.tensor([ids])).logits.detach().numpy(),
                                llama(torch.tensor([ids])).logits.detach().numpy(), atol=1e-5)

@@ -478,7 +478,9 @@ def _check_loaded(peft_model, name: str, adapter: Adapter) -> None:
     from peft import get_peft_model_state_dict
 
     saved = {k for k in adapter_tensor_shapes(adapter.weights_file) if _DELTA_PARTS.match(adapted(k)[1][0])}
-    made = {k for k in get_peft_model_state_dict(peft_model, adapter_name=name)
+    # save_embedding_layers="auto" (the default) asks the Hugging Face hub for the base model's config
+    # when its name is not a local folder: an offline device waits for the network to fail
+    made = {k for k in get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False)
             if _DELTA_PARTS.match(adapted(k)[1][0])}
     for what, keys in (("peft has no place for", saved - made), ("lacks", made - saved)):
         if keys:

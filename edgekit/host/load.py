@@ -5,6 +5,7 @@ Everything comes out as an fp32 transformers model in eval mode and its tokenize
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -116,16 +117,19 @@ def load(spec: str | Path) -> LoadedModel:
 def _load_with(folder: Path, kw: dict, gguf: GGUFFacts | None, spec: str | Path) -> tuple[Any, dict, Any]:
     """transformers' model (fp32), loading info and tokenizer from `folder` (and kw's gguf_file); its
     multi-line load reports and progress bars are left out: what matters is said in one line here."""
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bar = hf_logging.get_verbosity(), hf_gguf.tqdm
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    hf_gguf.tqdm = functools.partial(bar, disable=True)  # the GGUF loader's own bar, which the line above misses
     try:
         return _load_quietly(folder, kw, gguf, spec)
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+        hf_gguf.tqdm = bar
 
 
 @contextmanager
@@ -134,11 +138,16 @@ def _one_gguf_reader() -> Iterator[None]:
     transformers parses it for the config, twice for the model and once more for the tokenizer: 3 s
     each for SmolLM2's 49k-token vocabulary, 15 of the 34 s it took to load. transformers takes
     `from gguf import GGUFReader` at each call, so one reader kept per path serves them all (a
-    reader is read-only: a memory map and the fields parsed from it)."""
+    reader is read-only: a memory map and the fields parsed from it). The same for gguf-py's tensor
+    name map, which transformers builds again for each of a model's modules (400 times, 15 ms each,
+    6 s for SmolLM2) and only reads, and for each metadata value, which transformers decodes byte by
+    byte at each of its four reads (1 s each for SmolLM2's vocabulary and merges)."""
     import gguf
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
 
-    make = gguf.GGUFReader
+    make, name_map, parse = gguf.GGUFReader, gguf.get_tensor_name_map, hf_gguf._gguf_parse_value
     readers: dict[tuple, Any] = {}
+    values: dict[int, tuple] = {}  # id(a field's part) -> (the part, kept alive so its id stays its own; value)
 
     def shared(path, *args, **kwargs):
         key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
@@ -146,11 +155,19 @@ def _one_gguf_reader() -> Iterator[None]:
             readers[key] = make(path, *args, **kwargs)
         return readers[key]
 
+    def parsed(part, types):  # a part's types are fixed by the reader: the part alone is the key
+        if id(part) not in values:
+            values[id(part)] = (part, parse(part, types))
+        return values[id(part)][1]
+
     gguf.GGUFReader = shared  # type: ignore[misc,assignment]
+    gguf.get_tensor_name_map = functools.cache(name_map)
+    hf_gguf._gguf_parse_value = parsed
     try:
         yield
     finally:
-        gguf.GGUFReader = make  # type: ignore[misc]
+        gguf.GGUFReader, gguf.get_tensor_name_map = make, name_map  # type: ignore[misc]
+        hf_gguf._gguf_parse_value = parse
 
 
 def _load_quietly(folder: Path, kw: dict, gguf: GGUFFacts | None, spec: str | Path) -> tuple[Any, dict, Any]:

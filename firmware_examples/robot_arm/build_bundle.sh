@@ -2,13 +2,16 @@
 # The bundle the arm's controller uses: SmolLM2-135M-Instruct taught the arm's commands (LoRA),
 # merged into the weights and quantized to int4 for a Raspberry Pi 5.
 #
-#   firmware_examples/robot_arm/build_bundle.sh OUT_DIR
+#   firmware_examples/robot_arm/build_bundle.sh OUT_DIR [EXPORT_OPTION...]
+#
+# EXPORT_OPTIONs go to edgekit export as they are (for example --calib my_commands.txt, --quant rtn).
 #
 # [make_dataset.py ──► train.jsonl ──► edgekit finetune ──► adapter/]   only when adapter/ is missing
 #  edgekit export smollm2-135m --adapter adapter/ --target rpi5 ──► OUT_DIR
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out=${1:?usage: build_bundle.sh OUT_DIR}
+out=${1:?usage: build_bundle.sh OUT_DIR [EXPORT_OPTION...]}
+shift
 edgekit=${EDGEKIT:-edgekit}
 python=${PYTHON:-python3}
 
@@ -20,4 +23,4 @@ if [ ! -f "$here/adapter/adapter_config.json" ]; then
     "$edgekit" finetune smollm2-135m --data "$data/train.jsonl" --out "$here/adapter" \
         --steps 100 --batch-size 8 --lr 2e-3 --seed 0
 fi
-"$edgekit" export smollm2-135m --adapter "$here/adapter" --target rpi5 --out "$out"
+"$edgekit" export smollm2-135m --adapter "$here/adapter" --target rpi5 --out "$out" "$@"
