@@ -205,6 +205,28 @@ def test_method_that_cannot_apply_is_refused(make_tiny):
         check_applicable(family_of(model), "awq")
 
 
+def test_a_text_is_tokenized_once_per_tokenizer_and_its_ids_cannot_be_changed(smol_tokenizer):
+    from tokenizers import Tokenizer
+
+    from edgekit.host.quant.calibration import token_ids
+
+    text = "The arm picks up the red cube. " * 50
+    want = smol_tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    first = token_ids(smol_tokenizer, text)
+    assert first.tolist() == want and token_ids(smol_tokenizer, text) is first  # the second call is remembered
+    assert token_ids(smol_tokenizer, text + "!") is not first
+    with pytest.raises(ValueError, match="read-only"):
+        first[0] = 0
+    # another tokenizer is another entry, even for the same text: here one with a token added
+    other = Tokenizer.from_str(smol_tokenizer.backend_tokenizer.to_str())
+    other.add_tokens(["picks up the red"])
+
+    class Wrapped:
+        backend_tokenizer = other
+
+    assert token_ids(Wrapped(), text).tolist() == other.encode(text, add_special_tokens=False).ids != want
+
+
 def test_calibration_from_jsonl_is_seeded(smol_tokenizer, tmp_path):
     path = tmp_path / "calib.jsonl"
     path.write_text("\n".join(json.dumps({"text": f"Sentence number {i} about robots and rivers."})
