@@ -13,6 +13,7 @@ import torch
 
 from edgekit.host.quant import awq as awq_
 from edgekit.host.quant import layerwise
+from edgekit.host.quant.calibration import default_text_rows
 from edgekit.host.quant.gptq import gptq, hessian, single_thread
 from edgekit.host.quant.plan import QuantPlan
 from edgekit.host.quant.rtn import rtn
@@ -46,7 +47,7 @@ def awq_layer(layer, family, feats: dict, kwargs: layerwise.LayerKwargs, plan: Q
     with single_thread():  # many small ops per grid point (see gptq.single_thread): 6x faster measured
         for sg, prev, fcs, x, channels in scale_groups(layer, family, feats):
             group = awq_.ScaleGroup(prev, fcs, x, layerwise.scorer(layer, sg.scored, kwargs), family.norm_offset,
-                                    channels)
+                                    channels, default_text_rows(len(x), plan.calib, plan.method.mixed_calibration))
             awq_.apply_scale(group, awq_.search_scale(group, plan.spec_for(family.linears[sg.linears[0]]), config))
             for fc in fcs:
                 inputs[fc] = group.x
