@@ -90,7 +90,7 @@ class ScaleGroup:
     block: Callable[[torch.Tensor], torch.Tensor]  # what the loss is measured on
     norm_offset: float = 0.0  # a norm that multiplies by (offset + weight) (Gemma: 1)
     channels: torch.Tensor | None = None  # (K,) the output channel of `prev` each input channel reads; None: its own
-    statistic_rows: slice | None = None  # the samples of x that mean|x| is taken over (see search_scale); None: all
+    statistic_rows: slice | None = None  # the samples of x that mean|x| is taken over (search_scale); None: all
 
     def expand(self, s: torch.Tensor) -> torch.Tensor:
         """A scale over prev's output channels -> over the Linears' input channels (K,)."""
@@ -109,7 +109,7 @@ def search_scale(group: ScaleGroup, spec: QuantSpec, config: AWQConfig) -> torch
     want = group.block(x)[:, 1:]  # (S, L - 1, out): without the sink (see the module docstring)
     # (K,) mean |activation| per channel, over the default text's samples beside a --calib (module docstring)
     stat = group.x if group.statistic_rows is None else group.x[group.statistic_rows]
-    x_max = (stat if len(stat) else group.x).abs().reshape(-1, k).mean(0)
+    x_max = stat.abs().reshape(-1, k).mean(0)
     if group.channels is not None:  # (prev's channels,): the mean over the input channels that repeat each
         repeats = torch.bincount(group.channels)
         x_max = torch.zeros(len(repeats)).index_add_(0, group.channels, x_max) / repeats

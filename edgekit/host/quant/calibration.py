@@ -100,12 +100,12 @@ def calibration_ids(tokenizer, calib: str | Path | None, samples: int, seq_len: 
     return Calibration(ids, f"{calib} + {DEFAULT_SOURCE}, {samples} each", digest, seed)
 
 
-def default_text_rows(rows: int, calib: str | Path | None, mix_default: bool) -> slice:
+def default_text_rows(rows: int, calib: str | Path | None, mix_default: bool) -> slice | None:
     """Which of calibration_ids' `rows` samples come from the default text: all without a --calib,
-    the last half when it is mixed in beside one (`mix_default`), none otherwise."""
+    the last half when it is mixed in beside one (`mix_default`), None when none do."""
     if calib is None:
         return slice(0, rows)
-    return slice(rows // 2, rows) if mix_default else slice(0, 0)
+    return slice(rows // 2, rows) if mix_default else None
 
 
 _ENCODED: dict[tuple[str, str], np.ndarray] = {}  # (tokenizer sha256, text sha256) -> its ids, the last few
