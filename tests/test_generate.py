@@ -399,6 +399,37 @@ def test_loading_gives_back_the_weight_pages_it_no_longer_reads_and_answers_as_b
     assert model.generate("The robot arm", max_new_tokens=12).token_ids == before
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's /proc/self/smaps")
+def test_a_tokens_embedding_row_comes_back_a_page_at_a_time(tiny_bundle):
+    """After the load, a request pages in about one page of the weights file per distinct token
+    (its embedding row), not the large folios the bundle's verification read the file into."""
+    model = Model(tiny_bundle)
+    data = tiny_bundle / "model.onnx.data"
+    before = resident_kb(data)
+    vocab = model.manifest.architecture.vocab_size
+    ids = [int(i) for i in np.random.default_rng(0).choice(vocab, 200, replace=False)]  # rows far apart
+    model.prefill(ids)
+    assert resident_kb(data) - before <= 4 * (len(ids) + 32), "whole folios came back, not single pages"
+
+
+def test_the_tokenizer_is_parsed_and_its_memory_handed_back_before_the_weights_are_packed(tiny_bundle, monkeypatch):
+    """Parsing tokenizer.json takes 3x what the tokenizer keeps (34 MB for SmolLM2's); handed back
+    before onnxruntime pre-packs the weights, it no longer adds to that peak (benchmarks/README.md)."""
+    import edgekit.device.generate as generate
+
+    order: list[str] = []
+
+    def recorded(name, f):
+        return lambda *a, **k: (order.append(name), f(*a, **k))[1]
+
+    monkeypatch.setattr(generate, "trim_heap", recorded("trim_heap", generate.trim_heap))
+    monkeypatch.setattr(generate, "create_session", recorded("create_session", generate.create_session))
+    monkeypatch.setattr(generate.Tokenizer, "from_file", recorded("tokenizer", generate.Tokenizer.from_file))
+    model = Model(tiny_bundle)
+    assert order == ["tokenizer", "trim_heap", "create_session"]
+    assert model.generate("The robot arm", max_new_tokens=4).token_ids
+
+
 @pytest.fixture(scope="module")
 def long_context_bundles(make_tiny, tmp_path_factory):
     """A tiny model with 1024 positions, exported in both graph flavours (fused: GroupQueryAttention
