@@ -489,3 +489,46 @@ def test_the_prefix_cache_gives_a_fresh_models_logits_under_int8_compute(int8_co
         fresh, _ = Model(int8_compute_bundle).prefill(ids)
         assert np.array_equal(cached, fresh), (len(ids), reused)
     assert reused > 0  # the cache was used
+
+
+@given(st.integers(1, 5000), st.sampled_from([4, 8, 16, 128]))
+def test_a_prompt_is_fed_in_even_runs_of_whole_row_tiles_and_never_one_row_after_another(count, most):
+    from edgekit.device import generate
+
+    old, generate.PREFILL_ROWS = generate.PREFILL_ROWS, most  # not monkeypatch: hypothesis runs it many times
+    try:
+        runs = generate.prefill_runs(count)
+    finally:
+        generate.PREFILL_ROWS = old
+    assert sum(runs) == count
+    assert len(runs) <= -(-count // most)  # as few runs as the limit allows
+    assert all(r <= most and r % generate.ROW_TILE == 0 for r in runs[:-1])  # each starts on a tile
+    assert runs[-1] <= most + 1 and (runs[-1] > 1 or count == 1)  # one row more, not a one-row run
+    assert max(runs) - min(runs) < 2 * generate.ROW_TILE  # even
+
+
+@pytest.mark.parametrize("compute", ["fp32", "int8"])
+def test_a_prompt_fed_in_several_runs_gives_the_logits_of_one_run(compute, tiny_bundle, int8_compute_bundle,
+                                                                   monkeypatch):
+    """Runs of 16 tokens (128 on a device) against one run over the whole prompt, for fresh prompts and for
+    prompts that reuse part of the cache: the same logits, bit for bit under int8 compute, within float
+    rounding with fp32 matmuls (whose kernels sum in another order for another number of rows)."""
+    from edgekit.device import generate
+
+    bundle = tiny_bundle if compute == "fp32" else int8_compute_bundle
+    whole, runs = Model(bundle, threads=1), Model(bundle, threads=1)
+    rng = np.random.default_rng(1)
+    prompts = [[1, *rng.integers(300, 40000, n).tolist()] for n in (15, 16, 17, 33, 100, 201)]
+    prompts += [prompts[-1][:150] + [7, 8, 9], prompts[-1][:151]]  # the cache holds a prefix of these
+    for ids in prompts:
+        monkeypatch.setattr(generate, "PREFILL_ROWS", 4096)
+        expected, _ = whole.prefill(ids)
+        monkeypatch.setattr(generate, "PREFILL_ROWS", 16)
+        got, reused = runs.prefill(ids)
+        if compute == "int8":
+            assert np.array_equal(got, expected), (len(ids), reused)
+        else:
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+            assert got.argmax() == expected.argmax()
+    assert reused > 0
+
