@@ -8,7 +8,7 @@ with nothing but the standard library and onnxruntime:
   first provider lacks falls back to the next (onnxruntime assigns it there: slower,
   with copies between devices); one that no provider implements makes the session fail.
 - memory: peak resident memory estimated from the weights, the KV cache at the context
-  length, activations of a full-context prompt, and the runtime itself; compared with
+  length, activations of one run of the prompt (at most PREFILL_ROWS tokens), and the runtime itself; compared with
   the target's RAM minus what its OS keeps.
 
 Sources of the operator tables:
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgekit.device.bundle import Architecture, read_manifest
+from edgekit.device.generate import PREFILL_ROWS
 from edgekit.device.targets import TargetError, available_targets, load_target, parse_target
 from edgekit.errors import InputError
 
@@ -153,10 +154,10 @@ MB = 1 << 20
 RUNTIME_MB = 60.0  # python + onnxruntime + numpy + tokenizers imported, a tokenizer loaded
 # onnxruntime's pre-packed weight copies and arena slack, per byte of weights on disk: MLAS packs
 # each fp32 MatMul's B; MatMulNBits repacks its blocks, for fp32 compute (accuracy_level < 4) into a
-# much larger layout than for the int8 kernels (level 4). Measured with SmolLM2-135M bundles:
-# fp32 0.30, int4 level 4 0.31 (fused) / 0.42 (portable, DequantizeLinear fused by onnxruntime),
-# int4 level 1 0.71.
-WEIGHT_OVERHEAD = {"fp32": 0.30, "int8-compute": 0.35, "fp32-compute": 0.70}
+# much larger layout than for the int8 kernels (level 4). Fitted to the peak with a 2000-token prompt
+# (docs/targets.md), SmolLM2-135M bundles: fp32 0.05 (fused) / 0.10 (portable), int4 level 4 -0.04
+# (fused) / 0.25 (portable, DequantizeLinear fused by onnxruntime), int4 level 1 0.82; the larger of each.
+WEIGHT_OVERHEAD = {"fp32": 0.10, "int8-compute": 0.25, "fp32-compute": 0.85}
 
 
 @dataclass
@@ -185,24 +186,27 @@ def estimate_memory(arch: Architecture, weight_bytes: int, flavour: str = "fused
                     quantized: bool = False, accuracy_level: int = 4) -> MemoryEstimate:
     """Peak memory of a bundle whose initializers take `weight_bytes`, at `context_length`
     (default: the bundle's) with a prompt of `prompt_tokens` (default: the whole context,
-    the worst case: Model.prefill runs the prompt in one pass).
+    the worst case). Model.prefill feeds a prompt in runs of at most PREFILL_ROWS tokens, so a
+    run's activations are those of that many rows however long the prompt.
 
     Fused: one KV buffer pair per layer at the context length, written in place; attention
-    inside GroupQueryAttention. Portable: the cache buffers, plus the past fed to the run
-    and the present it returns (3 copies at full length), and a layer's attention scores,
-    their scaled and masked sum and the probabilities, (heads, S, T) each, materialized.
+    inside GroupQueryAttention, whose scores take (heads, rows, context). Portable: the cache
+    buffers, plus the past fed to the run and the present it returns (3 copies at full length),
+    and a layer's attention scores, their scaled and masked sum and the probabilities, (heads,
+    rows, T) each, materialized.
     """
     ctx = context_length or arch.context_length
-    s = min(prompt_tokens or ctx, ctx)
+    rows = min(prompt_tokens or ctx, ctx, PREFILL_ROWS)
     f32 = 4
     kv = 2 * arch.num_layers * arch.num_kv_heads * ctx * arch.head_size * f32
     qkv = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_size
-    # a layer's live tensors during prefill: residual, norms, qkv, attention out, three MLP intermediates;
-    # logits of the last position only (num_logits_to_keep = 1)
-    acts = s * (6 * arch.hidden_size + 3 * arch.intermediate_size + qkv) * f32 + arch.vocab_size * f32
+    # a layer's live tensors during a run: residual, norms, qkv, attention out, three MLP intermediates,
+    # the attention scores; logits of the last position only (num_logits_to_keep = 1)
+    scores = arch.num_heads * rows * ctx * f32
+    acts = rows * (6 * arch.hidden_size + 3 * arch.intermediate_size + qkv) * f32 + scores + arch.vocab_size * f32
     if flavour == "portable":
         kv *= 3
-        acts += 3 * arch.num_heads * s * ctx * f32  # scores, scaled + masked, probabilities
+        acts += 2 * scores  # scaled + masked, probabilities
     return MemoryEstimate(
         weights_mb=weight_bytes / MB,
         weight_overhead_mb=weight_bytes * WEIGHT_OVERHEAD[_weight_kind(quantized, accuracy_level)] / MB,

@@ -126,16 +126,16 @@ def release_load_memory(data_file: Path) -> int:
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     target = str(data_file.resolve())
+    unwritten = [m for m in maps if m.path == target and m.kb.get("Anonymous") == 0]
     released = 0
-    with open(target, "rb") as f:
-        for m in maps:
-            if m.path != target or m.kb.get("Anonymous") != 0:
-                continue
-            size = m.end - m.start
-            if madvise(m.start, size, MADV_DONTNEED) == 0:
-                released += size
-                madvise(m.start, size, MADV_RANDOM)  # a fault reads its own page, no readahead
-                os.posix_fadvise(f.fileno(), m.offset, size, os.POSIX_FADV_DONTNEED)
+    if unwritten:  # a graph with its weights inside model.onnx maps no data file
+        with open(target, "rb") as f:
+            for m in unwritten:
+                size = m.end - m.start
+                if madvise(m.start, size, MADV_DONTNEED) == 0:
+                    released += size
+                    madvise(m.start, size, MADV_RANDOM)  # a fault reads its own page, no readahead
+                    os.posix_fadvise(f.fileno(), m.offset, size, os.POSIX_FADV_DONTNEED)
     trim_heap()
     return released
 
