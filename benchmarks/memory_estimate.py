@@ -21,6 +21,7 @@ from test_targets import RSS_SCRIPT  # noqa: E402
 
 from edgekit.device import check  # noqa: E402
 from edgekit.device.bundle import read_manifest  # noqa: E402
+from edgekit.errors import EdgekitError  # noqa: E402
 
 
 def main() -> int:
@@ -28,10 +29,18 @@ def main() -> int:
     ap.add_argument("bundles", nargs="+")
     ap.add_argument("--prompt-tokens", type=int, nargs="+", default=[64, 2000])
     args = ap.parse_args()
+    try:  # every bundle's manifest before any measuring: a wrong path is one line, not a half table
+        manifests = {bundle: read_manifest(bundle, verify=False) for bundle in args.bundles}
+    except EdgekitError as e:
+        raise SystemExit(f"memory_estimate: {e}") from None
+    for bundle, m in manifests.items():
+        room = m.architecture.context_length - 4  # the prompt, then RSS_SCRIPT's 4 decode steps
+        if not all(1 <= p <= room for p in args.prompt_tokens):
+            raise SystemExit(f"memory_estimate: --prompt-tokens must be from 1 to {room} for {bundle} "
+                             f"(context length {m.architecture.context_length}, then 4 decode steps)")
     print("| bundle | prompt | estimate MB | measured MB | error | overhead that fits |")
     print("|---|---:|---:|---:|---:|---:|")
-    for bundle in args.bundles:
-        m = read_manifest(bundle, verify=False)
+    for bundle, m in manifests.items():
         q = m.quantization
         level = q.accuracy_level if q.accuracy_level is not None else 4
         weights = check.bundle_weight_bytes(bundle)
